@@ -1,0 +1,138 @@
+"""DSPO: group advantages, a dynamic filter, and a clipped sequence-level policy loss.
+
+For each question q the policy samples a group of G trajectories y_1..y_G with rewards r_1..r_G.
+
+1. Group advantage (no critic):    A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6)
+2. Dynamic filter: a group whose rewards are all equal has A_i = 0 for every member and carries no
+   signal, so it is dropped and further questions are sampled until the batch holds B informative
+   groups or a cap on generation rounds is reached.
+3. Sequence-level importance ratio over M_i, the tokens the model generated itself (prompt and
+   retrieved <information> tokens are excluded):
+       s_i = exp( 1/|M_i| * sum_{t in M_i} (log pi_theta(y_i,t) - log pi_old(y_i,t)) )
+4. Clipped objective, mean over trajectories, no KL term:
+       L = -1/N sum_i min( s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i )
+   with eps_low = 3e-4, eps_high = 4e-4 (GSPO's values: a length-normalised ratio moves little).
+
+The token-level GRPO loss (per-token ratio clipped at 0.2, mean over each sequence's tokens, then
+over sequences) is kept as the baseline to compare against.
+
+Left out: the reference-model KL penalty, entropy bonus, value function, and any reward shaping.
+Tensors here are plain: this file knows nothing of search, prompts or tokenizers.
+"""
+from collections import defaultdict
+from collections.abc import Callable, Hashable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: Sequence[Hashable], eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i - mean) / (std + eps) within the group sharing group_ids[i]. rewards: [N] -> [N]."""
+    assert rewards.dim() == 1 and len(group_ids) == rewards.numel()
+    members = defaultdict(list)
+    for i, gid in enumerate(group_ids):
+        members[gid].append(i)
+    advantages = torch.zeros_like(rewards, dtype=torch.float32)
+    for index in members.values():
+        group = rewards[index].float()
+        # A group of one has no spread to normalise by; it carries no signal either.
+        std = group.std() if len(index) > 1 else torch.tensor(0.0)
+        advantages[index] = (group - group.mean()) / (std + eps)
+    return advantages
+
+
+def filter_groups(rewards: torch.Tensor, group_ids: Sequence[Hashable]) -> torch.Tensor:
+    """informative[i] is True when the group of trajectory i has rewards that are not all equal. [N] bool."""
+    members = defaultdict(list)
+    for i, gid in enumerate(group_ids):
+        members[gid].append(i)
+    informative = torch.zeros(len(group_ids), dtype=torch.bool)
+    for index in members.values():
+        group = rewards[index]
+        informative[index] = bool((group != group[0]).any())
+    return informative
+
+
+def fill_batch(sample_round: Callable[[], list[list]], num_groups: int, max_rounds: int,
+               use_filter: bool = True) -> tuple[list[list], int, list[list]]:
+    """Sample rounds of groups until num_groups informative ones are kept or max_rounds rounds ran.
+
+    sample_round() returns a list of groups, each a list of records with a `.reward`. Returns
+    (kept groups, rounds used, every group sampled). Without the filter the first round is kept whole.
+    """
+    kept, sampled, rounds = [], [], 0
+    while rounds < max_rounds and len(kept) < num_groups:
+        groups = sample_round()
+        rounds += 1
+        sampled.extend(groups)
+        if not use_filter:
+            return groups, rounds, sampled
+        for group in groups:
+            if len({float(item.reward) for item in group}) > 1 and len(kept) < num_groups:
+                kept.append(group)
+    return kept, rounds, sampled
+
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for t = 1..T-1 of right-padded sequences. [B, T] -> [B, T-1].
+
+    pi is the distribution the rollout sampled from, softmax(logits / temperature), so that pi_old
+    and pi_theta describe the sampler itself.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    logits = logits / temperature
+    targets = input_ids[:, 1:]
+    # cross_entropy avoids materialising a second [B, T, V] tensor for log_softmax.
+    logp = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+    return logp.view(targets.shape)
+
+
+def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log s_i = mean over the masked tokens of (logp - old_logp). [B, T] -> [B]."""
+    mask = mask.to(logp.dtype)
+    return ((logp - old_logp) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+
+
+def _token_kl(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """k3 estimate of KL(pi_old || pi_theta), mean over masked tokens."""
+    log_ratio = (logp - old_logp).detach()
+    kl = log_ratio.exp() - 1 - log_ratio
+    return (kl * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def dspo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+              clip_low: float = 3e-4, clip_high: float = 4e-4) -> tuple[torch.Tensor, dict]:
+    """Clipped sequence-level surrogate, mean over the B trajectories. logp, old_logp, mask: [B, T]."""
+    mask = mask.to(logp.dtype)
+    ratio = sequence_log_ratio(logp, old_logp, mask).exp()  # [B]
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_low, 1 + clip_high) * advantages
+    loss = -torch.minimum(unclipped, clipped).mean()
+    with torch.no_grad():
+        # "Clipped" means the min picked the constant side: no gradient flows from that trajectory.
+        low = ((ratio < 1 - clip_low) & (advantages < 0)).float().mean()
+        high = ((ratio > 1 + clip_high) & (advantages > 0)).float().mean()
+        metrics = {"clip_ratio/low": low.item(), "clip_ratio/high": high.item(),
+                   "ratio/mean": ratio.mean().item(), "ratio/min": ratio.min().item(),
+                   "ratio/max": ratio.max().item(), "approx_kl": _token_kl(logp, old_logp, mask).item()}
+    return loss, metrics
+
+
+def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+              clip: float = 0.2) -> tuple[torch.Tensor, dict]:
+    """Token-level PPO/GRPO baseline: per-token ratios clipped at 1 +- clip, token mean per sequence."""
+    mask = mask.to(logp.dtype)
+    ratio = (logp - old_logp).exp()  # [B, T]
+    adv = advantages[:, None]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    with torch.no_grad():
+        count = mask.sum().clamp(min=1.0)
+        low = (((ratio < 1 - clip) & (adv < 0)).to(mask.dtype) * mask).sum() / count
+        high = (((ratio > 1 + clip) & (adv > 0)).to(mask.dtype) * mask).sum() / count
+        token_ratio = ratio[mask.bool()]
+        metrics = {"clip_ratio/low": low.item(), "clip_ratio/high": high.item(),
+                   "ratio/mean": token_ratio.mean().item(), "ratio/min": token_ratio.min().item(),
+                   "ratio/max": token_ratio.max().item(), "approx_kl": _token_kl(logp, old_logp, mask).item()}
+    return loss, metrics

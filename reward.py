@@ -1,0 +1,65 @@
+"""Reward: exact match of the final answer.
+
+The policy's own response (prompt and retrieved <information> text excluded) is searched for its
+last <answer> ... </answer> span; the span is normalised and compared with every gold answer:
+
+    r = 1  if normalize(answer) == normalize(g) for some gold g,   else 0
+
+normalize() is the SQuAD / FlashRAG convention: lowercase, drop punctuation, drop the articles
+a/an/the, collapse white space. Token F1 (the same normalisation, bag-of-words precision/recall) is
+kept for evaluation only; training uses the binary reward, as the paper does.
+
+Left out on purpose: format rewards, partial credit, length penalties. A response with no answer
+tag scores 0 like a wrong answer.
+"""
+import re
+import string
+from collections import Counter
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in _PUNCTUATION)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def extract_answer(response: str) -> str | None:
+    """The text inside the last complete <answer>...</answer> pair, stripped; None if there is none."""
+    matches = _ANSWER.findall(response)
+    if not matches:
+        return None
+    return matches[-1].strip()
+
+
+def exact_match(prediction: str | None, answers: list[str]) -> float:
+    if prediction is None:
+        return 0.0
+    predicted = normalize_answer(prediction)
+    return float(any(predicted == normalize_answer(gold) for gold in answers))
+
+
+def token_f1(prediction: str | None, answers: list[str]) -> float:
+    """Best token-level F1 against any gold answer (0 when there is no prediction)."""
+    if prediction is None:
+        return 0.0
+    predicted = normalize_answer(prediction).split()
+    best = 0.0
+    for gold in answers:
+        gold_tokens = normalize_answer(gold).split()
+        common = sum((Counter(predicted) & Counter(gold_tokens)).values())
+        if common == 0:
+            continue
+        precision = common / len(predicted)
+        recall = common / len(gold_tokens)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def score_response(response: str, answers: list[str]) -> float:
+    """The training reward of one trajectory: exact match of its last answer."""
+    return exact_match(extract_answer(response), answers)

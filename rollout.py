@@ -1,0 +1,261 @@
+"""Rollout: prompts -> multi-turn generate/search episodes -> token ids, loss mask and stats.
+
+One episode is a single assistant turn that the environment interrupts:
+
+    <search> q1 </search>          model tokens       loss_mask = 1
+    \n<information> Doc 1 ... </information>\n      loss_mask = 0 (spliced in by search)
+    <search> q2 </search>          model tokens       loss_mask = 1
+    ...
+    <answer> a </answer><|im_end|> model tokens       loss_mask = 1
+
+All active episodes of a batch generate together with HF `generate` until `</search>`,
+`</answer>`, end of turn, or the per-turn token budget; the queries of that turn go to the index
+in one batched call; the observations are tokenised on their own and appended. The mask is built
+while concatenating token ids and the model's tokens are never re-tokenised, so the training
+forward pass scores exactly the ids that were sampled. After `max_turns` searches comes one last
+turn without search. An action that is neither a search nor an answer gets a short corrective
+observation; running out of the per-turn or total budget ends the episode as truncated.
+
+Left out: KV-cache reuse across turns (each turn re-encodes its prefix), sampling from several
+search engines, and tool calls other than search.
+"""
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+from search import BM25Index, format_hits
+
+SEARCH_TAG, ANSWER_TAG = "</search>", "</answer>"
+INVALID_ACTION = ("\nMy previous action is invalid. To search, I write the query between <search> and "
+                  "</search>. To answer, I write the answer between <answer> and </answer>.\n")
+_QUERY = re.compile(r"<search>(.*?)</search>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+
+# ---------------------------------------------------------------------------------------------
+# Prompts. Zero-shot suits instruction-tuned 7B models; a 135M model ignores a bare instruction
+# (0 of 24 samples used the tags) but copies two worked episodes from its chat history. Their
+# made-up entities are kept out of the synthetic world (see EXAMPLE_NAMES).
+
+ZERO_SHOT = ("Answer the question below. Think step by step inside <think> and </think> whenever you "
+             "receive new information. If you are missing knowledge, call the search engine with "
+             "<search> query </search>; its top results come back between <information> and "
+             "</information>. You may search as many times as you need. When no more knowledge is "
+             "needed, give only the final answer inside <answer> and </answer>, for example "
+             "<answer> Paris </answer>. Question: {question}\n")
+
+SYSTEM = ("You answer questions with a search engine. To search, write <search> query </search>; the "
+          "results come back between <information> and </information>. Search again if the results "
+          "do not contain the answer. When you know the answer, write it as <answer> answer </answer>.")
+
+EXAMPLE_PASSAGES = [
+    "Ilvane Dorsk\nIlvane Dorsk is a glassblower who was born in Marrowick. Dorsk trained under Peltro "
+    "Quane and later opened a workshop near the Ossel river.",
+    "Marrowick\nMarrowick is a harbour town in the country of Venmark. It is known for its salt markets.",
+    "Peltro Quane\nPeltro Quane is a glassblower born in Tallowen. Quane taught many apprentices.",
+    "Tessaly Brune\nTessaly Brune is a cartographer who works for Grennock Maps, a company founded in "
+    "Oskarra.",
+    "Oskarra\nOskarra is a mountain city in the country of Dulmere. Its flag is green.",
+]
+EXAMPLE_NAMES = frozenset({"Ilvane Dorsk", "Marrowick", "Venmark", "Peltro Quane", "Tallowen", "Ossel",
+                           "Tessaly Brune", "Grennock Maps", "Oskarra", "Dulmere"})
+# (question, search queries in order, answer)
+EXAMPLE_EPISODES = [
+    ("Where was Ilvane Dorsk born?", ["Ilvane Dorsk"], "Marrowick"),
+    ("In which country was Grennock Maps founded?", ["Grennock Maps", "Oskarra"], "Dulmere"),
+]
+
+
+def observation(hits_text: str) -> str:
+    return f"\n<information>{hits_text}</information>\n"
+
+
+def worked_episode(queries: list[str], answer: str, topk: int) -> str:
+    """The assistant text of one in-context example, with real search results over EXAMPLE_PASSAGES."""
+    index = BM25Index(EXAMPLE_PASSAGES)
+    hits = index.search(queries, min(topk, 2))
+    steps = [f"<search> {q} </search>" + observation(format_hits(h, EXAMPLE_PASSAGES)) for q, h in zip(queries, hits)]
+    return "".join(steps) + f"<answer> {answer} </answer>"
+
+
+def build_messages(question: str, template: str, topk: int = 3) -> list[dict]:
+    if template == "zero-shot":
+        return [{"role": "user", "content": ZERO_SHOT.format(question=question)}]
+    assert template == "few-shot", template
+    messages = [{"role": "system", "content": SYSTEM}]
+    for example_question, queries, answer in EXAMPLE_EPISODES:
+        messages.append({"role": "user", "content": f"Question: {example_question}"})
+        messages.append({"role": "assistant", "content": worked_episode(queries, answer, topk)})
+    messages.append({"role": "user", "content": f"Question: {question}"})
+    return messages
+
+
+def encode_prompt(tokenizer, question: str, template: str, topk: int = 3) -> list[int]:
+    messages = build_messages(question, template, topk)
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True)["input_ids"])
+    # Base models without a chat template get the same conversation as plain text.
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant: "
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Episodes
+
+@dataclass
+class Episode:
+    group_id: str                 # the question's id: advantages are normalised within it
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)   # model tokens and observations
+    loss_mask: list[int] = field(default_factory=list)      # 1 where the model generated the token
+    response_text: str = ""       # the model's own text only (observations left out)
+    num_turns: int = 0
+    valid_searches: int = 0
+    finished: bool = False        # ended by an answer, an end-of-turn token, or the last turn
+    truncated: bool = False       # ran out of the per-turn or total token budget
+    reward: float = 0.0
+
+
+class StopAtTags(StoppingCriteria):
+    """Stops each row at its first end-of-turn token or completed stop tag; records where."""
+
+    def __init__(self, tokenizer, stop_strings: list[str], eos_ids: set[int], prompt_width: int):
+        self.tokenizer, self.stop_strings, self.eos_ids = tokenizer, stop_strings, eos_ids
+        self.prompt_width = prompt_width
+        self.window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings) + 2
+        self.stop_at = None  # [B] index of the last kept new token, -1 while running
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[:, self.prompt_width:]
+        step = new.shape[1] - 1
+        if self.stop_at is None:
+            self.stop_at = torch.full((new.shape[0],), -1, dtype=torch.long)
+        for row in (self.stop_at < 0).nonzero().flatten().tolist():
+            tail = self.tokenizer.decode(new[row, max(0, step - self.window):])
+            if int(new[row, -1]) in self.eos_ids or any(s in tail for s in self.stop_strings):
+                self.stop_at[row] = step
+        return (self.stop_at >= 0).to(input_ids.device)
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return {i for i in ids if i is not None}
+
+
+def _generate_turn(model, tokenizer, sequences, max_new_tokens, stop_strings, eos_ids, greedy, temperature):
+    """One batched generate call over left-padded sequences; returns each row's new tokens, cut at its stop."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [A, W]
+    attention_mask = torch.zeros_like(input_ids)
+    for row, seq in enumerate(sequences):
+        input_ids[row, width - len(seq):] = torch.tensor(seq)
+        attention_mask[row, width - len(seq):] = 1
+    stopper = StopAtTags(tokenizer, stop_strings, eos_ids, width)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad_id,
+                              eos_token_id=sorted(eos_ids), **({} if greedy else
+                              {"temperature": temperature, "top_k": 0, "top_p": 1.0}))
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                             generation_config=config, stopping_criteria=StoppingCriteriaList([stopper]))
+    new = out[:, width:].cpu()  # [A, L]
+    stop_at = stopper.stop_at if stopper.stop_at is not None else torch.full((len(sequences),), -1)
+    # (tokens, stopped): a row that never stopped ran out of its budget.
+    return [(new[row, :int(stop_at[row]) + 1].tolist(), True) if stop_at[row] >= 0 else (new[row].tolist(), False)
+            for row in range(len(sequences))]
+
+
+def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_ids: list[str], *,
+            max_turns: int = 2, topk: int = 3, max_turn_tokens: int = 48, max_response_tokens: int = 512,
+            greedy: bool = False, temperature: float = 1.0) -> tuple[list[Episode], dict]:
+    """Run every prompt to an answer, a truncation, or the turn limit. Returns episodes and timings (s)."""
+    episodes = [Episode(group_id=g, prompt_ids=list(p)) for p, g in zip(prompts, group_ids)]
+    eos_ids = end_of_turn_ids(tokenizer)
+    timings = {"generate": 0.0, "search": 0.0, "splice": 0.0}
+    active = list(range(len(episodes)))
+    for turn in range(max_turns + 1):
+        if not active:
+            break
+        last_turn = turn == max_turns
+        stop_strings = [ANSWER_TAG] if last_turn else [SEARCH_TAG, ANSWER_TAG]
+        budgets = [max_response_tokens - len(episodes[i].response_ids) for i in active]
+        start = time.perf_counter()
+        sequences = [episodes[i].prompt_ids + episodes[i].response_ids for i in active]
+        turns = _generate_turn(model, tokenizer, sequences, min(max_turn_tokens, max(budgets)), stop_strings,
+                               eos_ids, greedy, temperature)
+        timings["generate"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        searching, queries, still_active = [], [], []
+        for i, (tokens, stopped), budget in zip(active, turns, budgets):
+            episode = episodes[i]
+            stopped, tokens = stopped and len(tokens) <= budget, tokens[:budget]
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            episode.response_ids += tokens
+            episode.loss_mask += [1] * len(tokens)
+            episode.response_text += text
+            episode.num_turns += 1
+            if _ANSWER.search(text):
+                episode.finished = True
+            elif not stopped:
+                episode.truncated = True
+            elif last_turn:
+                episode.finished = True
+            elif text.rstrip().endswith(SEARCH_TAG) and _QUERY.findall(text):
+                searching.append(i)
+                queries.append(" ".join(_QUERY.findall(text)[-1].split()))
+            else:
+                _append_observation(episode, tokenizer, INVALID_ACTION, max_response_tokens)
+                if not episode.truncated:
+                    still_active.append(i)
+        timings["splice"] += time.perf_counter() - start
+
+        start = time.perf_counter()
+        hits = index.search(queries, topk) if queries else []
+        timings["search"] += time.perf_counter() - start
+        start = time.perf_counter()
+        for i, query, query_hits in zip(searching, queries, hits):
+            episode = episodes[i]
+            if query:
+                episode.valid_searches += 1
+                text = observation(format_hits(query_hits, index.texts))
+            else:
+                text = observation("The query is empty.")
+            _append_observation(episode, tokenizer, text, max_response_tokens)
+            if not episode.truncated:
+                still_active.append(i)
+        active = sorted(still_active)
+        timings["splice"] += time.perf_counter() - start
+    return episodes, timings
+
+
+def _append_observation(episode: Episode, tokenizer, text: str, max_response_tokens: int) -> None:
+    tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+    room = max_response_tokens - len(episode.response_ids)
+    if len(tokens) >= room:
+        # No room left to answer after this observation: the episode ends here.
+        tokens, episode.truncated = tokens[:max(room, 0)], True
+    episode.response_ids += tokens
+    episode.loss_mask += [0] * len(tokens)
+
+
+def collate(episodes: list[Episode], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids [B, T], attention_mask [B, T], and loss mask [B, T-1] aligned with targets."""
+    width = max(len(e.prompt_ids) + len(e.response_ids) for e in episodes)
+    input_ids = torch.full((len(episodes), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    loss_mask = torch.zeros_like(input_ids)
+    for row, e in enumerate(episodes):
+        ids = e.prompt_ids + e.response_ids
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        attention_mask[row, :len(ids)] = 1
+        loss_mask[row, len(e.prompt_ids):len(ids)] = torch.tensor(e.loss_mask, dtype=torch.long)
+    # Token t is predicted from position t-1, so the mask over targets drops the first column.
+    return input_ids, attention_mask, loss_mask[:, 1:]
