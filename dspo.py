@@ -19,6 +19,7 @@ over sequences) is kept as the baseline to compare against.
 Left out: the reference-model KL penalty, entropy bonus, value function, and any reward shaping.
 Tensors here are plain: this file knows nothing of search, prompts or tokenizers.
 """
+import inspect
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 
@@ -73,19 +74,28 @@ def fill_batch(sample_round: Callable[[], list[list]], num_groups: int, max_roun
     return kept, rounds, sampled
 
 
-def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
+                   prefix_len: int = 0) -> torch.Tensor:
     """log pi(token_t | tokens_<t) for t = 1..T-1 of right-padded sequences. [B, T] -> [B, T-1].
 
-    pi is the distribution the rollout sampled from, softmax(logits / temperature), so that pi_old
-    and pi_theta describe the sampler itself.
+    pi is the distribution the rollout sampled from, softmax(logits / temperature). With prefix_len > 0
+    the rows share their first prefix_len tokens (the prompt's instruction and examples): that prefix is
+    encoded once and its KV cache broadcast to the batch; gradients still flow through it. Targets
+    inside the prefix get log-prob 0 (they are prompt tokens, never trained on).
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    logits = logits / temperature
-    targets = input_ids[:, 1:]
+    if prefix_len == 0:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+    else:
+        keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        cache = model(input_ids=input_ids[:1, :prefix_len], use_cache=True, logits_to_keep=1)[keyword]
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        logits = model(input_ids=input_ids[:, prefix_len:], attention_mask=attention_mask,
+                       **{keyword: cache}).logits[:, :-1]  # predicts tokens prefix_len+1 .. T-1
+    targets = input_ids[:, input_ids.shape[1] - logits.shape[1]:]
     # cross_entropy avoids materialising a second [B, T, V] tensor for log_softmax.
-    logp = -F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-    return logp.view(targets.shape)
+    logp = -F.cross_entropy((logits.float() / temperature).reshape(-1, logits.size(-1)), targets.reshape(-1),
+                            reduction="none").view(targets.shape)
+    return F.pad(logp, (input_ids.shape[1] - 1 - logp.shape[1], 0))
 
 
 def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

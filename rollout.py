@@ -16,9 +16,12 @@ forward pass scores exactly the ids that were sampled. After `max_turns` searche
 turn without search. An action that is neither a search nor an answer gets a short corrective
 observation; running out of the per-turn or total budget ends the episode as truncated.
 
-Left out: KV-cache reuse across turns (each turn re-encodes its prefix), sampling from several
-search engines, and tool calls other than search.
+The prompt prefix all episodes share (the instruction and worked examples) is encoded once per call
+and its KV cache reused by every turn. Left out: reusing each episode's own cache across turns (a
+turn re-encodes the episode's earlier turns), and tool calls other than search.
 """
+import copy
+import inspect
 import re
 import time
 from dataclasses import dataclass, field
@@ -148,23 +151,56 @@ def end_of_turn_ids(tokenizer) -> set[int]:
     return {i for i in ids if i is not None}
 
 
-def _generate_turn(model, tokenizer, sequences, max_new_tokens, stop_strings, eos_ids, greedy, temperature):
-    """One batched generate call over left-padded sequences; returns each row's new tokens, cut at its stop."""
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest common prefix, kept one token short of the shortest sequence."""
+    shortest = min(len(s) for s in sequences)
+    length = 0
+    while length < shortest - 1 and all(s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return length
+
+
+def prefix_cache(model, prefix: list[int]):
+    """KV cache of the shared prompt prefix, batch 1. Every turn of every episode starts from it, so
+    the few-shot history is encoded once per rollout instead of once per episode and turn."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([prefix], device=device), use_cache=True)[cache_keyword(model)]
+
+
+def cache_keyword(model) -> str:
+    """Newer transformers name the KV cache `cache`, older ones `past_key_values`; accept both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _generate_turn(model, tokenizer, sequences, prefix, cache, max_new_tokens, stop_strings, eos_ids, greedy,
+                   temperature):
+    """One batched generate call: [shared prefix | left padding | suffix] per row, the prefix read from
+    `cache`. Returns each row's new tokens cut at its stop, and whether it stopped."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [A, W]
+    suffixes = [s[len(prefix):] for s in sequences]
+    width = len(prefix) + max(len(s) for s in suffixes)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [A, P + W]
     attention_mask = torch.zeros_like(input_ids)
-    for row, seq in enumerate(sequences):
-        input_ids[row, width - len(seq):] = torch.tensor(seq)
-        attention_mask[row, width - len(seq):] = 1
+    input_ids[:, :len(prefix)] = torch.tensor(prefix, dtype=torch.long)
+    attention_mask[:, :len(prefix)] = 1
+    for row, suffix in enumerate(suffixes):
+        input_ids[row, width - len(suffix):] = torch.tensor(suffix)
+        attention_mask[row, width - len(suffix):] = 1
     stopper = StopAtTags(tokenizer, stop_strings, eos_ids, width)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad_id,
                               eos_token_id=sorted(eos_ids), **({} if greedy else
                               {"temperature": temperature, "top_k": 0, "top_p": 1.0}))
     device = next(model.parameters()).device
+    kwargs = {}
+    if cache is not None:
+        # generate() appends to the cache it is given, so each turn works on its own expanded copy.
+        row_cache = copy.deepcopy(cache)
+        row_cache.batch_repeat_interleave(len(sequences))
+        kwargs[cache_keyword(model)] = row_cache
     with torch.no_grad():
         out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                             generation_config=config, stopping_criteria=StoppingCriteriaList([stopper]))
+                             generation_config=config, stopping_criteria=StoppingCriteriaList([stopper]), **kwargs)
     new = out[:, width:].cpu()  # [A, L]
     stop_at = stopper.stop_at if stopper.stop_at is not None else torch.full((len(sequences),), -1)
     # (tokens, stopped): a row that never stopped ran out of its budget.
@@ -174,9 +210,11 @@ def _generate_turn(model, tokenizer, sequences, max_new_tokens, stop_strings, eo
 
 def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_ids: list[str], *,
             max_turns: int = 2, topk: int = 3, max_turn_tokens: int = 48, max_response_tokens: int = 512,
-            greedy: bool = False, temperature: float = 1.0) -> tuple[list[Episode], dict]:
+            greedy: bool = False, temperature: float = 1.0, share_prefix: bool = True) -> tuple[list[Episode], dict]:
     """Run every prompt to an answer, a truncation, or the turn limit. Returns episodes and timings (s)."""
     episodes = [Episode(group_id=g, prompt_ids=list(p)) for p, g in zip(prompts, group_ids)]
+    prefix = prompts[0][:shared_prefix_length(prompts)] if share_prefix else []
+    cache = prefix_cache(model, prefix) if prefix else None
     eos_ids = end_of_turn_ids(tokenizer)
     timings = {"generate": 0.0, "search": 0.0, "splice": 0.0}
     active = list(range(len(episodes)))
@@ -188,8 +226,8 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
         budgets = [max_response_tokens - len(episodes[i].response_ids) for i in active]
         start = time.perf_counter()
         sequences = [episodes[i].prompt_ids + episodes[i].response_ids for i in active]
-        turns = _generate_turn(model, tokenizer, sequences, min(max_turn_tokens, max(budgets)), stop_strings,
-                               eos_ids, greedy, temperature)
+        turns = _generate_turn(model, tokenizer, sequences, prefix, cache, min(max_turn_tokens, max(budgets)),
+                               stop_strings, eos_ids, greedy, temperature)
         timings["generate"] += time.perf_counter() - start
 
         start = time.perf_counter()

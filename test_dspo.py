@@ -17,7 +17,7 @@ from data import DataError, QAExample, load_corpus_jsonl, load_qa_jsonl, synthet
 from dspo import (dspo_loss, fill_batch, filter_groups, grpo_loss, group_advantages, sequence_log_ratio,
                   token_logprobs)
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
-from rollout import EXAMPLE_NAMES, INVALID_ACTION, collate, encode_prompt, rollout
+from rollout import INVALID_ACTION, collate, encode_prompt, rollout, shared_prefix_length
 from search import BM25Index, format_hits, tokenize
 from train import main, tiny_model
 
@@ -187,7 +187,8 @@ def _scripted_episode(world, turns, **kwargs):
     prompt = encode_prompt(tokenizer, world.test[0].question, "few-shot", 3)
     policy = ScriptedPolicy(tokenizer, turns, tokenizer.decode(prompt))
     # Byte-level tokens: two passages take ~500 of them, so the total budget is generous here.
-    episodes, _ = rollout(policy, tokenizer, index, [prompt], ["q"], topk=2, max_response_tokens=4096, **kwargs)
+    episodes, _ = rollout(policy, tokenizer, index, [prompt], ["q"], topk=2, max_response_tokens=4096,
+                          share_prefix=False, **kwargs)
     return episodes[0], tokenizer, index
 
 
@@ -259,6 +260,23 @@ def test_rollout_with_a_real_model_scores_exactly_the_sampled_tokens(world):
     assert logp.shape == loss_mask.shape and torch.isfinite(logp).all()
 
 
+def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:3]]
+    runs = [rollout(model, tokenizer, index, prompts, ["a", "b", "c"], greedy=True, max_turn_tokens=6,
+                    max_response_tokens=30, share_prefix=share)[0] for share in (False, True)]
+    assert [e.response_ids for e in runs[0]] == [e.response_ids for e in runs[1]]
+    input_ids, attention_mask, loss_mask = collate(runs[1], tokenizer.pad_token_id)
+    prefix_len = shared_prefix_length([e.prompt_ids for e in runs[1]])
+    assert 100 < prefix_len < min(len(e.prompt_ids) for e in runs[1])
+    full = token_logprobs(model, input_ids, attention_mask, 0.7)
+    shared = token_logprobs(model, input_ids, attention_mask, 0.7, prefix_len)
+    assert torch.allclose(full[loss_mask.bool()], shared[loss_mask.bool()], atol=1e-5)
+    assert shared[:, :prefix_len].abs().max() == 0
+
+
 # --------------------------------------------------------------------------------------------- training
 
 def test_two_step_tiny_run_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
@@ -287,6 +305,44 @@ def test_eval_only_writes_em_per_source(tmp_path):
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved == result and saved["val/em"] == 0.0
     assert any(key.startswith("val/em/synthetic") for key in saved)
+
+
+def test_resume_continues_from_the_latest_checkpoint(tmp_path):
+    common = ["--model", "tiny", "--no-filter", "--batch-prompts", "2", "--group-size", "2", "--max-turn-tokens", "6",
+              "--max-response-tokens", "24", "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path)]
+    main(common + ["--steps", "1"])
+    main(common + ["--steps", "2", "--resume"])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]
+    state = torch.load(tmp_path / "checkpoint-000002" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and state["data_state"] == {"epoch": 0, "position": 4}
+    # 4 trajectories in 4 mini-batches: 4 optimizer steps per training step, carried over the resume.
+    assert all(s["step"] == 8 for s in state["optimizer"]["state"].values())
+
+
+def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "q1", "golden_answers": ["a"]}\n{"question": "q2"}\n')
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"title": "T", "text": "x"}\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--out", str(tmp_path / "run")])
+    assert f"{qa}:2" in str(stop.value) and "golden_answers" in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_default_model_converts_from_the_packaged_gguf_once(tmp_path, monkeypatch):
+    import time
+    import train
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    monkeypatch.setattr(train, "CACHE", tmp_path)
+    path = train.smollm2_checkpoint()
+    began = time.perf_counter()
+    assert train.smollm2_checkpoint() == path and time.perf_counter() - began < 1.0  # reused, not converted again
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
+    assert model.config.num_hidden_layers == 30 and 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    assert not hasattr(model.config, "quantization_config")
 
 
 def test_dspo_raises_mean_reward_on_a_small_problem():

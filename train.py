@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data import DataError, load_corpus_jsonl, load_qa_jsonl, synthetic_world
 from dspo import dspo_loss, fill_batch, grpo_loss, group_advantages, token_logprobs
 from reward import exact_match, extract_answer, score_response, token_f1
-from rollout import EXAMPLE_NAMES, collate, encode_prompt, rollout
+from rollout import EXAMPLE_NAMES, collate, encode_prompt, rollout, shared_prefix_length
 from search import BM25Index
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -60,11 +60,12 @@ def parse_args(argv=None):
     p.add_argument("--topk", type=int, default=2, help="passages returned per search")
     p.add_argument("--max-turn-tokens", type=int, default=24, help="tokens the model may write per turn")
     p.add_argument("--max-response-tokens", type=int, default=320, help="tokens per trajectory after the prompt")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; log-probs are computed at the same temperature")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (log-probs use the same); "
+                   "at 1.0 SmolLM2-135M's tail writes noise: 0/32 correct, 69%% truncated, vs 1/32 and 19%% at 0.7")
     p.add_argument("--rollout-batch", type=int, default=64, help="trajectories generated together")
     p.add_argument("--max-gen-rounds", type=int, default=3, help="cap on generation rounds to refill filtered groups")
     # optimisation
-    p.add_argument("--steps", type=int, default=40, help="training steps")
+    p.add_argument("--steps", type=int, default=30, help="training steps")
     p.add_argument("--lr", type=float, default=2e-6, help="AdamW learning rate")
     p.add_argument("--loss", default="dspo", choices=["dspo", "grpo"], help="sequence-level DSPO or token-level GRPO")
     p.add_argument("--no-filter", action="store_true", help="keep zero-variance groups (ablation)")
@@ -76,10 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     # evaluation and output
     p.add_argument("--eval-every", type=int, default=10, help="evaluate on the held-out split every N steps (0: never)")
-    p.add_argument("--eval-size", type=int, default=64, help="held-out questions per evaluation (0: all)")
+    p.add_argument("--eval-size", type=int, default=32, help="held-out questions per evaluation (0: all)")
     p.add_argument("--eval-only", action="store_true", help="evaluate --model (or --resume) and write eval.json")
     p.add_argument("--out", default="runs/dspo", help="folder for metrics.jsonl, checkpoints, eval.json")
-    p.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint folder, or the latest one in --out")
@@ -240,16 +241,17 @@ def update(model, optimizer, episodes, advantages, args, pad_id) -> dict:
         for start in range(0, len(chunk), args.micro_batch):
             index = chunk[start:start + args.micro_batch]
             tensors = [t.to(device) for t in collate([episodes[i] for i in index], pad_id)]
-            micro[-1].append((*tensors, advantages[index].to(device)))
+            prefix_len = shared_prefix_length([episodes[i].prompt_ids for i in index])
+            micro[-1].append((*tensors, advantages[index].to(device), prefix_len))
     with torch.no_grad():  # pi_old: the policy that sampled this batch, scored once
-        micro = [[(*m, token_logprobs(model, m[0], m[1], args.temperature)) for m in chunk] for chunk in micro]
+        micro = [[(*m, token_logprobs(model, m[0], m[1], args.temperature, m[4])) for m in chunk] for chunk in micro]
 
     sums, steps, skipped, ratio_min, ratio_max = {}, 0, 0, math.inf, -math.inf
     for chunk in tqdm(micro, desc="update", leave=False, dynamic_ncols=True):
         optimizer.zero_grad(set_to_none=True)
         size = sum(m[0].shape[0] for m in chunk)
-        for input_ids, attention_mask, loss_mask, adv, old_logp in chunk:
-            logp = token_logprobs(model, input_ids, attention_mask, args.temperature)
+        for input_ids, attention_mask, loss_mask, adv, prefix_len, old_logp in chunk:
+            logp = token_logprobs(model, input_ids, attention_mask, args.temperature, prefix_len)
             if args.loss == "dspo":
                 loss, metrics = dspo_loss(logp, old_logp, loss_mask, adv, args.clip_low, args.clip_high)
             else:
