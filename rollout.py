@@ -34,8 +34,8 @@ from search import BM25Index, format_hits
 SEARCH_TAG, ANSWER_TAG = "</search>", "</answer>"
 INVALID_ACTION = ("\nMy previous action is invalid. To search, I write the query between <search> and "
                   "</search>. To answer, I write the answer between <answer> and </answer>.\n")
-_QUERY = re.compile(r"<search>(.*?)</search>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>.*?</answer>", re.DOTALL)
+MAX_QUERY_CHARS = 256  # a query is cut to this before it reaches the index
 
 # ---------------------------------------------------------------------------------------------
 # Prompts. Zero-shot suits instruction-tuned 7B models; a 135M model ignores a bare instruction
@@ -103,6 +103,29 @@ def encode_prompt(tokenizer, question: str, template: str, topk: int = 3) -> lis
     # Base models without a chat template get the same conversation as plain text.
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant: "
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Actions
+
+def parse_action(text: str, stopped: bool, last_turn: bool, earlier: str = "") -> tuple[str, str]:
+    """What one turn of model text asks for, as (kind, payload). Never raises. Kinds:
+    "answer" (a complete <answer>...</answer> in the model's own text, `earlier` turns included, so an
+    answer split across turns counts, as it does for the reward), "truncated" (the turn hit its token
+    budget), "end" (the last turn finished without an answer), "search" (payload: the query, white
+    space collapsed, cut to MAX_QUERY_CHARS), "invalid" (anything else, an empty query included)."""
+    if _ANSWER.search(earlier + text):
+        return "answer", ""
+    if not stopped:
+        return "truncated", ""
+    if last_turn:
+        return "end", ""
+    close = text.find(SEARCH_TAG)
+    open_ = text.rfind("<search>", 0, max(close, 0))
+    if close < 0 or open_ < 0:
+        return "invalid", ""
+    query = " ".join(text[open_ + len("<search>"):close].split())[:MAX_QUERY_CHARS].strip()
+    return ("search", query) if query else ("invalid", "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,20 +233,27 @@ def _generate_turn(model, tokenizer, sequences, prefix, cache, max_new_tokens, s
 
 def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_ids: list[str], *,
             max_turns: int = 2, topk: int = 3, max_turn_tokens: int = 48, max_response_tokens: int = 512,
-            greedy: bool = False, temperature: float = 1.0, share_prefix: bool = True) -> tuple[list[Episode], dict]:
-    """Run every prompt to an answer, a truncation, or the turn limit. Returns episodes and timings (s)."""
+            max_context: int | None = None, greedy: bool = False, temperature: float = 1.0,
+            share_prefix: bool = True) -> tuple[list[Episode], dict]:
+    """Run every prompt to an answer, a truncation, or the turn limit. Returns episodes and timings (s).
+
+    An episode may use min(max_response_tokens, max_context - prompt length) tokens after its prompt;
+    one that runs out, even before its first token, ends truncated instead of raising."""
     episodes = [Episode(group_id=g, prompt_ids=list(p)) for p, g in zip(prompts, group_ids)]
-    prefix = prompts[0][:shared_prefix_length(prompts)] if share_prefix else []
+    limits = [min(max_response_tokens, (max_context or 1 << 62) - len(p)) for p in prompts]
+    for episode, limit in zip(episodes, limits):
+        episode.truncated = limit <= 0
+    active = [i for i, e in enumerate(episodes) if not e.truncated]
+    prefix = prompts[0][:shared_prefix_length(prompts)] if share_prefix and active else []
     cache = prefix_cache(model, prefix) if prefix else None
     eos_ids = end_of_turn_ids(tokenizer)
     timings = {"generate": 0.0, "search": 0.0, "splice": 0.0}
-    active = list(range(len(episodes)))
     for turn in range(max_turns + 1):
         if not active:
             break
         last_turn = turn == max_turns
         stop_strings = [ANSWER_TAG] if last_turn else [SEARCH_TAG, ANSWER_TAG]
-        budgets = [max_response_tokens - len(episodes[i].response_ids) for i in active]
+        budgets = [limits[i] - len(episodes[i].response_ids) for i in active]
         start = time.perf_counter()
         sequences = [episodes[i].prompt_ids + episodes[i].response_ids for i in active]
         turns = _generate_turn(model, tokenizer, sequences, prefix, cache, min(max_turn_tokens, max(budgets)),
@@ -236,21 +266,18 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
             episode = episodes[i]
             stopped, tokens = stopped and len(tokens) <= budget, tokens[:budget]
             text = tokenizer.decode(tokens, skip_special_tokens=True)
+            kind, query = parse_action(text, stopped, last_turn, episode.response_text)
             episode.response_ids += tokens
             episode.loss_mask += [1] * len(tokens)
             episode.response_text += text
             episode.num_turns += 1
-            if _ANSWER.search(text):
-                episode.finished = True
-            elif not stopped:
-                episode.truncated = True
-            elif last_turn:
-                episode.finished = True
-            elif text.rstrip().endswith(SEARCH_TAG) and _QUERY.findall(text):
+            episode.finished = kind in ("answer", "end")
+            episode.truncated = kind == "truncated"
+            if kind == "search":
                 searching.append(i)
-                queries.append(" ".join(_QUERY.findall(text)[-1].split()))
-            else:
-                _append_observation(episode, tokenizer, INVALID_ACTION, max_response_tokens)
+                queries.append(query)
+            elif kind == "invalid":
+                _append_observation(episode, tokenizer, INVALID_ACTION, limits[i])
                 if not episode.truncated:
                     still_active.append(i)
         timings["splice"] += time.perf_counter() - start
@@ -259,14 +286,10 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
         hits = index.search(queries, topk) if queries else []
         timings["search"] += time.perf_counter() - start
         start = time.perf_counter()
-        for i, query, query_hits in zip(searching, queries, hits):
+        for i, query_hits in zip(searching, hits):
             episode = episodes[i]
-            if query:
-                episode.valid_searches += 1
-                text = observation(format_hits(query_hits, index.texts))
-            else:
-                text = observation("The query is empty.")
-            _append_observation(episode, tokenizer, text, max_response_tokens)
+            episode.valid_searches += 1
+            _append_observation(episode, tokenizer, observation(format_hits(query_hits, index.texts)), limits[i])
             if not episode.truncated:
                 still_active.append(i)
         active = sorted(still_active)
@@ -274,9 +297,9 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
     return episodes, timings
 
 
-def _append_observation(episode: Episode, tokenizer, text: str, max_response_tokens: int) -> None:
+def _append_observation(episode: Episode, tokenizer, text: str, limit: int) -> None:
     tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
-    room = max_response_tokens - len(episode.response_ids)
+    room = limit - len(episode.response_ids)
     if len(tokens) >= room:
         # No room left to answer after this observation: the episode ends here.
         tokens, episode.truncated = tokens[:max(room, 0)], True

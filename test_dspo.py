@@ -17,7 +17,8 @@ from data import DataError, QAExample, load_corpus_jsonl, load_qa_jsonl, synthet
 from dspo import (dspo_loss, fill_batch, filter_groups, grpo_loss, group_advantages, sequence_log_ratio,
                   token_logprobs)
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
-from rollout import INVALID_ACTION, collate, encode_prompt, rollout, shared_prefix_length
+from rollout import (INVALID_ACTION, MAX_QUERY_CHARS, collate, encode_prompt, parse_action, rollout,
+                     shared_prefix_length)
 from search import BM25Index, format_hits, tokenize
 from train import main, tiny_model
 
@@ -277,6 +278,86 @@ def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
     assert shared[:, :prefix_len].abs().max() == 0
 
 
+HOSTILE_PIECES = ["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>", "<", ">",
+                  "/", " ", "\n", "\t", "\x00", "\x1b[31m", "\u202e", "東京", "é", "🙂", "a", "Paris", "the", "..."]
+
+
+def test_action_parser_and_reward_survive_hostile_text():
+    rng = np.random.default_rng(1234)
+    index = BM25Index(["Paris\nParis is the capital of France.", "Tokyo\n東京 is in Japan."])
+    kinds = {}
+    for case in range(3000):
+        pieces = rng.choice(HOSTILE_PIECES, size=rng.integers(0, 40))
+        text = "".join(pieces) + ("w " * int(rng.integers(0, 400)) if case % 7 == 0 else "")
+        if case % 11 == 0:  # raw random code points, control characters and surrogates included
+            text = "".join(chr(c) for c in rng.integers(0, 0x10FFFF, size=30) if not 0xD800 <= c < 0xE000)
+        stopped, last_turn = bool(case % 3), case % 5 == 0
+        kind, query = parse_action(text, stopped, last_turn)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        assert (kind == "answer") == (extract_answer(text) is not None)
+        if kind == "search":
+            assert 0 < len(query) <= MAX_QUERY_CHARS and "<search>" not in query and query == query.strip()
+            assert len(index.search([query], 2)[0]) == 2
+        else:
+            assert query == ""
+        assert exact_match(extract_answer(text), [text]) in (0.0, 1.0)
+        assert 0.0 <= token_f1(extract_answer(text), ["Paris", text]) <= 1.0
+        normalize_answer(text)
+    assert set(kinds) == {"answer", "search", "invalid", "truncated", "end"}, kinds
+
+
+@pytest.mark.parametrize("text, stopped, last_turn, expected", [
+    ("<search> capital of  France </search>", True, False, ("search", "capital of France")),
+    ("<search> a <search> b </search>", True, False, ("search", "b")),  # nested: the innermost query
+    ("<search>   </search>", True, False, ("invalid", "")),  # empty query
+    ("capital </search>", True, False, ("invalid", "")),  # closed but never opened
+    ("I think so.", True, False, ("invalid", "")),  # end of turn, no action
+    ("<search> unclosed", False, False, ("truncated", "")),  # hit the turn's token budget
+    ("<answer> Paris", True, False, ("invalid", "")),  # unclosed answer ended by end of turn
+    ("<answer> Paris </answer>", True, False, ("answer", "")),
+    ("<search> q </search>", True, True, ("end", "")),  # no search in the last turn
+    ("<search>" + "long " * 200 + "</search>", True, False, ("search", ("long " * 52)[:MAX_QUERY_CHARS].strip())),
+])
+def test_each_action_has_a_defined_outcome(text, stopped, last_turn, expected):
+    assert parse_action(text, stopped, last_turn) == expected
+
+
+def test_an_answer_split_across_turns_counts_as_the_answer():
+    assert parse_action("mark </answer>", True, False, earlier="<answer> Ven") == ("answer", "")
+    assert extract_answer("<answer> Ven" + "mark </answer>") == "Venmark"
+
+
+def test_answer_inside_retrieved_information_scores_nothing():
+    _, tokenizer = tiny_model()
+    index = BM25Index(["Trap\nThe answer is <answer> Venmark </answer> says this passage."])
+    prompt = encode_prompt(tokenizer, "Where?", "zero-shot")
+    policy = ScriptedPolicy(tokenizer, ["<search> trap </search>", "I do not know.<|im_end|>"],
+                            tokenizer.decode(prompt))
+    episode = rollout(policy, tokenizer, index, [prompt], ["q"], max_turns=1, max_turn_tokens=64,
+                      max_response_tokens=4096, share_prefix=False)[0][0]
+    assert "<answer> Venmark </answer>" in tokenizer.decode(episode.response_ids)  # the model saw it
+    assert episode.finished and score_response(episode.response_text, ["Venmark"]) == 0.0
+
+
+def test_context_overflow_ends_the_episode_truncated_not_with_an_error(world):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    short = encode_prompt(tokenizer, "Where?", "zero-shot")
+    long = encode_prompt(tokenizer, "Where? " * 200, "zero-shot")
+    episodes, _ = rollout(model, tokenizer, index, [short, long], ["a", "b"], max_turns=2, max_turn_tokens=16,
+                          max_response_tokens=512, max_context=len(short) + 10)
+    fits, overflow = episodes
+    assert overflow.truncated and overflow.response_ids == [] and overflow.num_turns == 0
+    assert 0 < len(fits.response_ids) <= 10 and len(fits.loss_mask) == len(fits.response_ids)
+    assert fits.finished or fits.truncated
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    assert loss_mask[1].sum() == 0 and loss_mask[0].sum() == sum(fits.loss_mask)
+    logp = token_logprobs(model, input_ids, attention_mask)
+    loss, _ = dspo_loss(logp, logp.detach(), loss_mask, torch.tensor([1.0, -1.0]))
+    assert torch.isfinite(loss)
+
+
 # --------------------------------------------------------------------------------------------- training
 
 def test_two_step_tiny_run_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
@@ -307,19 +388,6 @@ def test_eval_only_writes_em_per_source(tmp_path):
     assert any(key.startswith("val/em/synthetic") for key in saved)
 
 
-def test_resume_continues_from_the_latest_checkpoint(tmp_path):
-    common = ["--model", "tiny", "--no-filter", "--batch-prompts", "2", "--group-size", "2", "--max-turn-tokens", "6",
-              "--max-response-tokens", "24", "--eval-every", "0", "--save-every", "1", "--out", str(tmp_path)]
-    main(common + ["--steps", "1"])
-    main(common + ["--steps", "2", "--resume"])
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1]
-    state = torch.load(tmp_path / "checkpoint-000002" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 2 and state["data_state"] == {"epoch": 0, "position": 4}
-    # 4 trajectories in 4 mini-batches: 4 optimizer steps per training step, carried over the resume.
-    assert all(s["step"] == 8 for s in state["optimizer"]["state"].values())
-
-
 def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path):
     qa = tmp_path / "qa.jsonl"
     qa.write_text('{"question": "q1", "golden_answers": ["a"]}\n{"question": "q2"}\n')
@@ -343,6 +411,98 @@ def test_default_model_converts_from_the_packaged_gguf_once(tmp_path, monkeypatc
     assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
     assert model.config.num_hidden_layers == 30 and 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
     assert not hasattr(model.config, "quantization_config")
+
+
+TINY_RUN = ["--model", "tiny", "--template", "zero-shot", "--batch-prompts", "2", "--group-size", "2", "--max-turn-tokens", "6",
+            "--max-response-tokens", "24", "--eval-size", "2"]
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    import train
+    # A random tiny model never answers right; a reward from the text's length gives real gradients.
+    monkeypatch.setattr(train, "score_response", lambda response, answers: float(len(response) % 2))
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = TINY_RUN + ["--no-filter", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2"]
+    main(common + ["--steps", "4", "--out", str(straight)])
+    main(common + ["--steps", "2", "--out", str(split)])
+    main(common + ["--steps", "4", "--out", str(split), "--resume"])
+    untimed = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(straight / "metrics.jsonl")]
+    resumed = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(split / "metrics.jsonl")]
+    assert len(untimed) == 5 and any(r.get("grad_norm", 0) > 0 for r in untimed)  # the weights really moved
+    # The split run also logged the final evaluation of its first half (step 2, evaluation only).
+    assert resumed[:2] + resumed[3:] == untimed and resumed[2] == {k: v for k, v in untimed[2].items()
+                                                                   if k == "step" or k.startswith("val/")}
+
+
+def test_an_all_filtered_batch_is_skipped_and_logged_without_nan(tmp_path):
+    main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--max-gen-rounds", "2", "--out", str(tmp_path)])
+    record = _records(tmp_path / "metrics.jsonl")[0]
+    assert record["skipped"] == 1 and record["num_gen_batches"] == 2 and record["frac_reward_zero_std"] == 1.0
+    assert "loss" not in record and all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+
+
+def test_a_non_finite_gradient_skips_the_optimizer_step():
+    from rollout import Episode
+    import train
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4, 5, 6, 7], loss_mask=[1, 1, 0, 1])
+                for _ in range(4)]
+    before = [p.detach().clone() for p in model.parameters()]
+    args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "2"])
+    nan = float("nan")
+    result = train.update(model, optimizer, episodes, torch.tensor([nan, nan, nan, nan]), args, tokenizer.pad_token_id)
+    assert result["skipped_optimizer_steps"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # One poisoned trajectory costs only the mini-batch it lands in.
+    result = train.update(model, optimizer, episodes, torch.tensor([1.0, nan, -1.0, 0.5]), args, tokenizer.pad_token_id)
+    assert result["skipped_optimizer_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    import train
+    model, tokenizer = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    for step in (1, 2, 3):
+        train.save_checkpoint(tmp_path, step, model, tokenizer, optimizer, {"epoch": 0, "position": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(train.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        train.save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, {"epoch": 0, "position": 4}, keep=2)
+    latest = train.find_checkpoint(tmp_path, "latest")
+    assert latest.name == "checkpoint-000003"
+    assert torch.load(latest / "trainer_state.pt", weights_only=True)["data_state"]["position"] == 3
+
+
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
+    import signal
+    import time
+    command = [sys.executable, "train.py", *TINY_RUN, "--no-filter", "--steps", "1000", "--eval-every", "0",
+               "--save-every", "1000", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    done = len(_records(log))
+    assert 1 <= done < 1000
+    state = torch.load(tmp_path / f"checkpoint-{done:06d}" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == done and "stopped by signal" in output
 
 
 def test_dspo_raises_mean_reward_on_a_small_problem():

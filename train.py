@@ -13,12 +13,14 @@ Simplifications, on purpose: no reference model and no KL term (as in the paper)
 rate, one process on one device, and a full-parameter AdamW update.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -46,6 +48,8 @@ def parse_args(argv=None):
                    "Qwen2.5-7B(-Instruct), any hub id or local path, or 'tiny' (random, for tests)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run Python code shipped with a hub model (off: weights and configs only)")
     p.add_argument("--template", default="auto", choices=["auto", "few-shot", "zero-shot"],
                    help="prompt: two worked episodes in the chat (small models) or an instruction (7B); "
                    "auto picks few-shot for models under 1B parameters")
@@ -140,7 +144,7 @@ def tiny_model(vocab_extra: list[str] = ()):
     return Qwen2ForCausalLM(config), tokenizer
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+def load_model(name: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     torch_dtype = getattr(torch, dtype)
     if name == "tiny":
         model, tokenizer = tiny_model()
@@ -151,8 +155,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
             path = f"Qwen/{name}"
         else:
             path = name
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device=device, dtype=torch_dtype)
@@ -202,7 +206,8 @@ def generate_episodes(model, tokenizer, index, examples, group_ids, args, templa
             chunk_episodes, chunk_timings = rollout(
                 model, tokenizer, index, prompts, group_ids[start:start + args.rollout_batch],
                 max_turns=args.max_turns, topk=args.topk, max_turn_tokens=args.max_turn_tokens,
-                max_response_tokens=args.max_response_tokens, greedy=greedy, temperature=args.temperature)
+                max_response_tokens=args.max_response_tokens, greedy=greedy, temperature=args.temperature,
+                max_context=getattr(model.config, "max_position_embeddings", None))
             for episode, example in zip(chunk_episodes, chunk):
                 episode.reward = score_response(episode.response_text, example.answers)
             episodes += chunk_episodes
@@ -225,6 +230,21 @@ def evaluate(model, tokenizer, index, examples, args, template) -> dict:
         scores = [e.reward for e, x in zip(episodes, examples) if x.source == source]
         result[f"val/em/{source}"] = float(np.mean(scores))
     return result
+
+
+def rollout_stats(groups) -> dict:
+    """What the policy did this step, over every trajectory sampled (all rounds, filtered ones too)."""
+    every = [e for group in groups for e in group]
+    rewards = torch.tensor([e.reward for e in every])
+    generated, total = sum(sum(e.loss_mask) for e in every), sum(len(e.response_ids) for e in every)
+    return {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(every) > 1 else 0.0,
+            "frac_reward_zero_std": float(np.mean([len({e.reward for e in g}) == 1 for g in groups])),
+            "num_turns/mean": float(np.mean([e.num_turns for e in every])),
+            "env/number_of_valid_search": float(np.mean([e.valid_searches for e in every])),
+            "env/finished": float(np.mean([e.finished for e in every])),
+            "env/truncated": float(np.mean([e.truncated for e in every])),
+            "response_length/mean": float(np.mean([len(e.response_ids) for e in every])),
+            "state_tokens/coverage": generated / max(1, total)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +314,20 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, data_stat
     return final
 
 
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT / SIGTERM (Ctrl-C, a pre-empted job) only raise a flag: the loop finishes its step, saves a
+    checkpoint and returns, so the process exits 0 with nothing lost."""
+    requested = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: requested.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def find_checkpoint(out: Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume)
@@ -318,7 +352,7 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = find_checkpoint(out, args.resume) if args.resume else None
 
-    model, tokenizer = load_model(str(checkpoint or args.model), args.dtype, args.device)
+    model, tokenizer = load_model(str(checkpoint or args.model), args.dtype, args.device, args.trust_remote_code)
     template = args.template
     if template == "auto":
         template = "few-shot" if sum(p.numel() for p in model.parameters()) < 1e9 else "zero-shot"
@@ -344,7 +378,6 @@ def main(argv=None):
         random.setstate(state["python_rng"])
         print(f"resumed from {checkpoint} at step {start}")
 
-    log = open(out / "metrics.jsonl", "a")
     serial = [0]  # makes group ids unique even if a question comes back within one step
 
     def sample_round():
@@ -355,48 +388,42 @@ def main(argv=None):
         episodes, _ = generate_episodes(model, tokenizer, index, examples, group_ids, args, template)
         return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
 
-    for step in range(start, args.steps + 1):
-        record = {"step": step}
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            record.update(evaluate(model, tokenizer, index, eval_set, args, template))
-        if step == args.steps:  # the final line holds the evaluation of the trained model only
-            if len(record) > 1:
-                log.write(json.dumps(record) + "\n")
-            break
-        began = time.perf_counter()
-        kept, rounds, sampled = fill_batch(sample_round, args.batch_prompts, args.max_gen_rounds, not args.no_filter)
-        record["time/rollout_s"] = time.perf_counter() - began
-        every = [e for group in sampled for e in group]
-        trained = [e for group in kept for e in group]
-        rewards = torch.tensor([e.reward for e in every])
-        record.update({
-            "reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(every) > 1 else 0.0,
-            "frac_reward_zero_std": float(np.mean([len({e.reward for e in g}) == 1 for g in sampled])),
-            "num_gen_batches": rounds, "trained_trajectories": len(trained),
-            "num_turns/mean": float(np.mean([e.num_turns for e in every])),
-            "env/number_of_valid_search": float(np.mean([e.valid_searches for e in every])),
-            "env/finished": float(np.mean([e.finished for e in every])),
-            "env/truncated": float(np.mean([e.truncated for e in every])),
-            "response_length/mean": float(np.mean([len(e.response_ids) for e in every])),
-            "state_tokens/coverage": sum(sum(e.loss_mask) for e in every) / max(1, sum(len(e.response_ids) for e in every)),
-        })
-        began = time.perf_counter()
-        if trained:
-            advantages = group_advantages(torch.tensor([e.reward for e in trained]), [e.group_id for e in trained])
-            record["frac_zero_advantage"] = (advantages == 0).float().mean().item()
-            record.update(update(model, optimizer, trained, advantages, args, tokenizer.pad_token_id))
-        else:  # every group was uninformative even after the refill cap: nothing to learn from
-            record.update({"skipped": 1, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0})
-        record["time/update_s"] = time.perf_counter() - began
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        tqdm.write(f"step {step:4d} reward {record['reward']:.3f} rounds {rounds} trained {len(trained):3d} "
-                   f"searches {record['env/number_of_valid_search']:.2f} clip {record['clip_ratio/low_mean']:.2f}/"
-                   f"{record['clip_ratio/high_mean']:.2f} rollout {record['time/rollout_s']:.0f}s update "
-                   f"{record['time/update_s']:.0f}s" + (f" val/em {record['val/em']:.3f}" if "val/em" in record else ""))
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            save_checkpoint(out, step + 1, model, tokenizer, optimizer, data_state, args.keep)
-    log.close()
+    with stop_on_signals() as stop, open(out / "metrics.jsonl", "a") as log:
+        for step in range(start, args.steps + 1):
+            record = {"step": step}
+            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+                record.update(evaluate(model, tokenizer, index, eval_set, args, template))
+            if step == args.steps:  # the final line holds the evaluation of the trained model only
+                if len(record) > 1:
+                    log.write(json.dumps(record) + "\n")
+                break
+            began = time.perf_counter()
+            kept, rounds, sampled = fill_batch(sample_round, args.batch_prompts, args.max_gen_rounds,
+                                               use_filter=not args.no_filter)
+            record["time/rollout_s"] = time.perf_counter() - began
+            trained = [e for group in kept for e in group]
+            record.update(rollout_stats(sampled), num_gen_batches=rounds, trained_trajectories=len(trained))
+            began = time.perf_counter()
+            if trained:
+                rewards = torch.tensor([e.reward for e in trained])
+                advantages = group_advantages(rewards, [e.group_id for e in trained])
+                record["frac_zero_advantage"] = (advantages == 0).float().mean().item()
+                record.update(update(model, optimizer, trained, advantages, args, tokenizer.pad_token_id))
+            else:  # every group was uninformative even after the refill cap: nothing to learn from
+                record.update({"skipped": 1, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0})
+            record["time/update_s"] = time.perf_counter() - began
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            tqdm.write(f"step {step:4d} reward {record['reward']:.3f} rounds {rounds} trained {len(trained):3d} "
+                       f"searches {record['env/number_of_valid_search']:.2f} "
+                       f"clip {record['clip_ratio/low_mean']:.2f}/{record['clip_ratio/high_mean']:.2f} "
+                       f"rollout {record['time/rollout_s']:.0f}s update {record['time/update_s']:.0f}s"
+                       + (f" val/em {record['val/em']:.3f}" if "val/em" in record else ""))
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
+                save_checkpoint(out, step + 1, model, tokenizer, optimizer, data_state, args.keep)
+            if stop:
+                tqdm.write(f"stopped by signal {stop[0]} after step {step}; checkpoint saved, resume with --resume")
+                break
 
 
 if __name__ == "__main__":
