@@ -279,7 +279,8 @@ def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
 
 
 HOSTILE_PIECES = ["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>", "<", ">",
-                  "/", " ", "\n", "\t", "\x00", "\x1b[31m", "\u202e", "東京", "é", "🙂", "a", "Paris", "the", "..."]
+                  "/", " ", "\n", "\t", "\x00", "\x1b[31m", "\u202e", "東京", "é", "🙂", "a", "Paris", "the",
+                  "..."]
 
 
 def test_action_parser_and_reward_survive_hostile_text():
@@ -413,8 +414,8 @@ def test_default_model_converts_from_the_packaged_gguf_once(tmp_path, monkeypatc
     assert not hasattr(model.config, "quantization_config")
 
 
-TINY_RUN = ["--model", "tiny", "--template", "zero-shot", "--batch-prompts", "2", "--group-size", "2", "--max-turn-tokens", "6",
-            "--max-response-tokens", "24", "--eval-size", "2"]
+TINY_RUN = ["--model", "tiny", "--template", "zero-shot", "--batch-prompts", "2", "--group-size", "2",
+            "--max-turn-tokens", "6", "--max-response-tokens", "24", "--eval-size", "2"]
 
 
 def _records(path):
@@ -426,7 +427,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, monkeyp
     # A random tiny model never answers right; a reward from the text's length gives real gradients.
     monkeypatch.setattr(train, "score_response", lambda response, answers: float(len(response) % 2))
     straight, split = tmp_path / "straight", tmp_path / "split"
-    common = TINY_RUN + ["--no-filter", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2"]
+    common = TINY_RUN + ["--no-filter", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2", "--warmup", "5"]
     main(common + ["--steps", "4", "--out", str(straight)])
     main(common + ["--steps", "2", "--out", str(split)])
     main(common + ["--steps", "4", "--out", str(split), "--resume"])
@@ -451,16 +452,18 @@ def test_a_non_finite_gradient_skips_the_optimizer_step():
     torch.manual_seed(0)
     model, tokenizer = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
     episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4, 5, 6, 7], loss_mask=[1, 1, 0, 1])
                 for _ in range(4)]
     before = [p.detach().clone() for p in model.parameters()]
     args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "2"])
     nan = float("nan")
-    result = train.update(model, optimizer, episodes, torch.tensor([nan, nan, nan, nan]), args, tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id
+    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([nan, nan, nan, nan]), args, pad)
     assert result["skipped_optimizer_steps"] == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # One poisoned trajectory costs only the mini-batch it lands in.
-    result = train.update(model, optimizer, episodes, torch.tensor([1.0, nan, -1.0, 0.5]), args, tokenizer.pad_token_id)
+    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, nan, -1.0, 0.5]), args, pad)
     assert result["skipped_optimizer_steps"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -470,8 +473,10 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
     import train
     model, tokenizer = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
     for step in (1, 2, 3):
-        train.save_checkpoint(tmp_path, step, model, tokenizer, optimizer, {"epoch": 0, "position": step}, keep=2)
+        train.save_checkpoint(tmp_path, step, model, tokenizer, optimizer, scheduler, {"epoch": 0, "position": step},
+                              keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
 
     def disk_full(*args, **kwargs):
@@ -479,7 +484,8 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
 
     monkeypatch.setattr(train.torch, "save", disk_full)
     with pytest.raises(OSError):
-        train.save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, {"epoch": 0, "position": 4}, keep=2)
+        train.save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, scheduler, {"epoch": 0, "position": 4},
+                              keep=2)
     latest = train.find_checkpoint(tmp_path, "latest")
     assert latest.name == "checkpoint-000003"
     assert torch.load(latest / "trainer_state.pt", weights_only=True)["data_state"]["position"] == 3

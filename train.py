@@ -10,7 +10,7 @@ informative groups are in hand or --max-gen-rounds is reached, compute old log-p
 off-policy, which is what the clip is for.
 
 Simplifications, on purpose: no reference model and no KL term (as in the paper), a constant learning
-rate, one process on one device, and a full-parameter AdamW update.
+rate after an optional linear warm-up, one process on one device, and a full-parameter AdamW update.
 """
 import argparse
 import contextlib
@@ -79,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per batch of rollouts")
     p.add_argument("--micro-batch", type=int, default=4, help="trajectories per forward/backward (memory bound)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
+    p.add_argument("--warmup", type=int, default=0, help="optimizer steps of linear learning-rate warm-up")
     # evaluation and output
     p.add_argument("--eval-every", type=int, default=10, help="evaluate on the held-out split every N steps (0: never)")
     p.add_argument("--eval-size", type=int, default=32, help="held-out questions per evaluation (0: all)")
@@ -250,7 +251,7 @@ def rollout_stats(groups) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The update
 
-def update(model, optimizer, episodes, advantages, args, pad_id) -> dict:
+def update(model, optimizer, scheduler, episodes, advantages, args, pad_id) -> dict:
     """Old log-probs once, then --mini-batches optimizer steps (micro-batched) on a shuffled batch."""
     device = next(model.parameters()).device
     order = torch.randperm(len(episodes)).tolist()
@@ -286,6 +287,7 @@ def update(model, optimizer, episodes, advantages, args, pad_id) -> dict:
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
         if math.isfinite(grad_norm):
             optimizer.step()
+            scheduler.step()
         else:  # a NaN/inf gradient would poison the weights: drop this step, keep going
             skipped += 1
         steps += 1
@@ -298,13 +300,15 @@ def update(model, optimizer, episodes, advantages, args, pad_id) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, data_state: dict, keep: int) -> Path:
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, data_state: dict,
+                    keep: int) -> Path:
     """Write into a temporary folder and rename it, so a crash never leaves a half-written checkpoint."""
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "data_state": dict(data_state),
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "data_state": dict(data_state),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
     if final.exists():
         shutil.rmtree(final)
@@ -357,7 +361,10 @@ def main(argv=None):
     if template == "auto":
         template = "few-shot" if sum(p.numel() for p in model.parameters()) < 1e9 else "zero-shot"
     train_set, test_set, passages = load_data(args)
-    index = BM25Index(passages)
+    try:
+        index = BM25Index(passages)
+    except ValueError as error:
+        sys.exit(f"error: {args.corpus or args.data}: {error}")
     eval_set = test_set[:args.eval_size] if args.eval_size else test_set
     print(f"model {args.model} ({template}), {len(train_set)} train / {len(test_set)} test questions, "
           f"{len(passages)} passages, device {args.device}")
@@ -369,10 +376,12 @@ def main(argv=None):
         return result
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / (args.warmup + 1)))
     start, data_state = 0, {"epoch": 0, "position": 0}
     if checkpoint:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
         optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
         start, data_state = state["step"], state["data_state"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -408,7 +417,8 @@ def main(argv=None):
                 rewards = torch.tensor([e.reward for e in trained])
                 advantages = group_advantages(rewards, [e.group_id for e in trained])
                 record["frac_zero_advantage"] = (advantages == 0).float().mean().item()
-                record.update(update(model, optimizer, trained, advantages, args, tokenizer.pad_token_id))
+                record.update(update(model, optimizer, scheduler, trained, advantages, args,
+                                     tokenizer.pad_token_id))
             else:  # every group was uninformative even after the refill cap: nothing to learn from
                 record.update({"skipped": 1, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0})
             record["time/update_s"] = time.perf_counter() - began
@@ -420,7 +430,7 @@ def main(argv=None):
                        f"rollout {record['time/rollout_s']:.0f}s update {record['time/update_s']:.0f}s"
                        + (f" val/em {record['val/em']:.3f}" if "val/em" in record else ""))
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
-                save_checkpoint(out, step + 1, model, tokenizer, optimizer, data_state, args.keep)
+                save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler, data_state, args.keep)
             if stop:
                 tqdm.write(f"stopped by signal {stop[0]} after step {step}; checkpoint saved, resume with --resume")
                 break
