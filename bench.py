@@ -37,9 +37,12 @@ loss; train.py's default flags, --train-args changes them) on the rollout's epis
 advantages, against a plain loop over the same collated micro-batches (same shuffle): one forward,
 a masked token cross-entropy, a backward, and a plain AdamW step per mini-batch (no old log-probs, no
 clipping). Target: update / plain <= 1.2. Then peak memory of update() at micro-batch sizes 1, 4 and 16
-with all trajectories in one mini-batch, each in a freshly spawned process: RSS after loading the model,
-and the RSS high-water mark (VmHWM, reset after the load) during update(). RSS counts every resident page,
-torch's allocator included, which tracemalloc does not see.
+with all trajectories in one mini-batch, each in a freshly spawned process (--memory-processes at a time):
+RSS after loading the model, and the RSS high-water mark (VmHWM, reset after the load) during update().
+RSS counts every resident page, torch's allocator included, which tracemalloc does not see.
+
+On a shared 2-core machine, --threads 1 gives steadier times: with torch's two threads and another busy
+process, every parallel op waits for the descheduled thread (a SmolLM2 decode step: 4.3 s vs 0.5 s).
 """
 import argparse
 import datetime
@@ -365,7 +368,7 @@ def bench_rollout(model, tokenizer, batch, train_args, seed: int):
     tokens = [generated, sum(sum(e.loss_mask) for e in unshared[1]), f"{len(prompts)} x {per_row}"]
     rows = [["model-generated tokens", *tokens], ["wall s", *(f"{w:.1f}" for w in walls)]]
     for key, label in PART_LABELS.items():
-        rows.append([label] + [f"{c[key]:.1f} ({c[key] / w:.0%})" if key in c else "-" for c, w in zip(columns, walls)])
+        rows.append([label] + [f"{c[key]:.2f} ({c[key] / w:.0%})" if key in c else "-" for c, w in zip(columns, walls)])
     ratio = shared[0] / plain_wall
     rows.append(["ratio to one generate()", f"**{ratio:.2f}** {verdict(ratio <= 1.5)} (<= 1.5)",
                  f"{unshared[0] / plain_wall:.2f}", "1.00"])
@@ -405,6 +408,12 @@ def new_optimizer(model, train_args):
     return torch.optim.AdamW(model.parameters(), lr=train_args.lr, weight_decay=0.0)
 
 
+def run_update(model, optimizer, episodes, advantages, train_args, pad_id: int) -> float:
+    """Seconds of one train.update() call, with a constant learning-rate schedule."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+    return timed(lambda: update(model, optimizer, scheduler, episodes, advantages, train_args, pad_id))[0]
+
+
 def bench_update(model, tokenizer, episodes, train_args, seed: int) -> None:
     """update() on the rollout's episodes with random advantages against plain_update(), same process."""
     advantages = torch.randn(len(episodes), generator=torch.Generator().manual_seed(seed))
@@ -413,7 +422,7 @@ def bench_update(model, tokenizer, episodes, train_args, seed: int) -> None:
     torch.manual_seed(seed)
     plain_s = timed(lambda: plain_update(model, optimizer, episodes, train_args, tokenizer.pad_token_id))[0]
     torch.manual_seed(seed)
-    update_s = timed(lambda: update(model, optimizer, episodes, advantages, train_args, tokenizer.pad_token_id))[0]
+    update_s = run_update(model, optimizer, episodes, advantages, train_args, tokenizer.pad_token_id)
     tokens = sum(len(e.prompt_ids) + len(e.response_ids) for e in episodes)
     ratio = update_s / plain_s
     print_table(f"Update: {len(episodes)} trajectories, {tokens:,} tokens, --mini-batches "
@@ -430,9 +439,11 @@ def memory_status() -> dict:
     return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM")}
 
 
-def update_memory(model_name: str, episodes, train_argv: list[str], micro_batch: int, seed: int) -> dict:
+def update_memory(model_name: str, episodes, train_argv: list[str], micro_batch: int, seed: int,
+                  threads: int) -> dict:
     """Run in a fresh process: load the model, reset the RSS high-water mark, run update() as one
     mini-batch at `micro_batch`, and report RSS before it and the high-water mark after it."""
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, tokenizer = load_model(model_name)
     train_args = parse_args(train_argv + ["--mini-batches", "1", "--micro-batch", str(micro_batch)])
@@ -440,33 +451,40 @@ def update_memory(model_name: str, episodes, train_argv: list[str], micro_batch:
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # VmHWM := VmRSS, so loading the model does not set the peak
     before = memory_status()["VmRSS"]
-    seconds = timed(lambda: update(model, new_optimizer(model, train_args), episodes, advantages, train_args,
-                                   tokenizer.pad_token_id))[0]
-    return {"before": before, "peak": memory_status()["VmHWM"], "seconds": seconds,
+    run_update(model, new_optimizer(model, train_args), episodes, advantages, train_args, tokenizer.pad_token_id)
+    return {"before": before, "peak": memory_status()["VmHWM"],
             "weights": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
 def bench_update_memory(model_name: str, episodes, train_argv: list[str], micro_batches: list[int],
-                        seed: int) -> None:
+                        processes: int, seed: int) -> None:
+    """Peak RSS of update() per micro-batch size, each in a fresh process, `processes` of them at a time."""
+    threads = max(1, torch.get_num_threads() // processes)
+    spawn = multiprocessing.get_context("spawn")  # a clean interpreter, not a copy of this one's memory
+    with ProcessPoolExecutor(processes, mp_context=spawn, max_tasks_per_child=1) as fresh:
+        jobs = [fresh.submit(update_memory, model_name, episodes, train_argv, micro_batch, seed, threads)
+                for micro_batch in micro_batches]
+        measured = [job.result() for job in jobs]
     rows = []
-    for micro_batch in micro_batches:
-        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
-            m = fresh.submit(update_memory, model_name, episodes, train_argv, micro_batch, seed).result()
+    for micro_batch, m in zip(micro_batches, measured):
         extra = m["peak"] - m["before"]
         rows.append([micro_batch, f"{m['before'] / MIB:,.0f}", f"{m['peak'] / MIB:,.0f}", f"{extra / MIB:,.0f}",
-                     f"{(extra - 3 * m['weights']) / MIB:,.0f}", f"{m['seconds']:.1f}"])
+                     f"{(extra - 3 * m['weights']) / MIB:,.0f}"])
     print_table(f"update() peak memory, --mini-batches 1 (all {len(episodes)} trajectories in one optimizer "
-                "step), MiB. A fresh spawned process per row: RSS after loading the model, then the RSS "
-                "high-water mark during update() (VmHWM, reset after loading; getrusage's ru_maxrss would "
-                "inherit the parent's RSS at fork). It counts every resident page, torch's allocations "
-                "included. Activations ~ the increase minus gradients and AdamW's two moments (3 x weights)",
-                ["micro-batch", "RSS before", "peak RSS", "increase", "activations (est.)", "update s"], rows)
+                f"step), MiB. A fresh spawned process per row ({processes} at a time): RSS after loading the "
+                "model, then the RSS high-water mark during update() (VmHWM, reset after loading; getrusage's "
+                "ru_maxrss would inherit the parent's RSS at fork). It counts every resident page, torch's "
+                "allocations included. Activations ~ the increase minus gradients and AdamW's two moments "
+                f"(3 x {m['weights'] / MIB:,.0f} MiB of weights)",
+                ["micro-batch", "RSS before", "peak RSS", "increase", "activations (est.)"], rows)
 
 
 def bench_model(args) -> None:
     """The rollout and/or update sections, on one loaded model and one rollout's episodes."""
     train_argv = shlex.split(args.train_args)
     train_args = parse_args(train_argv + ["--device", "cpu"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
     batch = benchmark_batch(tokenizer, train_args, args.questions, args.group_size, args.seed)
@@ -479,7 +497,7 @@ def bench_model(args) -> None:
     if args.section in ("update", "all"):
         bench_update(model, tokenizer, episodes, train_args, args.seed)
         micro_batches = [int(m) for m in args.micro_batch_sizes.split(",")]
-        bench_update_memory(args.model, episodes, train_argv, micro_batches, args.seed)
+        bench_update_memory(args.model, episodes, train_argv, micro_batches, args.memory_processes, args.seed)
 
 
 def main() -> None:
@@ -505,12 +523,21 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=4, help="synthetic-world questions in the rollout batch")
     parser.add_argument("--group-size", type=int, default=4, help="trajectories per question")
     parser.add_argument("--train-args", default="",
-                        help="train.py flags for rollout() and update(), e.g. '--micro-batch 8' (default: none)")
+                        help="train.py flags for rollout() and update(), written --train-args='--micro-batch 8' "
+                        "(default: none, train.py's defaults)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's choice); 1 avoids lock-step stalls when another "
+                        "process shares the cores")
     parser.add_argument("--micro-batch-sizes", default="1,4,16",
                         help="comma-separated micro-batch sizes for the update() peak-memory table")
+    parser.add_argument("--memory-processes", type=int, default=2,
+                        help="fresh processes measured at once for that table (each has its own high-water mark)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the synthetic corpus and queries, the world, sampling and advantages")
     args = parser.parse_args()
+    for name in ("questions", "group_size", "memory_processes", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
 
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} cores (load average "
           f"{os.getloadavg()[0]:.1f} at the start), torch {torch.__version__}")
