@@ -1,7 +1,7 @@
 """Benchmarks, printed as markdown tables, each ratio measured in one process against its baseline.
 
-    python bench.py                        # BM25 (below)
-    python bench.py --section all          # BM25, then rollout and update on SmolLM2-135M-Instruct (CPU)
+    python bench.py                        # all: BM25, then rollout and update on SmolLM2-135M-Instruct (CPU)
+    python bench.py --section bm25         # BM25 only (below)
     python bench.py --section all --model tiny --bm25-sizes 2000    # a quick check of the code
 
 BM25 section: our CSR index (search.py) against rank-bm25's `BM25Okapi` in the same process, on a synthetic
@@ -502,7 +502,7 @@ def bench_model(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=["bm25", "rollout", "update", "all"], default="bm25",
+    parser.add_argument("--section", choices=["bm25", "rollout", "update", "all"], default="all",
                         help="which benchmark to run (update runs an untimed rollout for its episodes)")
     # BM25
     parser.add_argument("--bm25-sizes", default="10000,100000",
