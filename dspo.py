@@ -27,14 +27,19 @@ import torch
 import torch.nn.functional as F
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: Sequence[Hashable], eps: float = 1e-6) -> torch.Tensor:
-    """A_i = (r_i - mean) / (std + eps) within the group sharing group_ids[i]. rewards: [N] -> [N]."""
-    assert rewards.dim() == 1 and len(group_ids) == rewards.numel()
+def _members(group_ids: Sequence[Hashable]) -> list[list[int]]:
+    """Indices of the trajectories of each group, in first-seen order."""
     members = defaultdict(list)
     for i, gid in enumerate(group_ids):
         members[gid].append(i)
+    return list(members.values())
+
+
+def group_advantages(rewards: torch.Tensor, group_ids: Sequence[Hashable], eps: float = 1e-6) -> torch.Tensor:
+    """A_i = (r_i - mean) / (std + eps) within the group sharing group_ids[i]. rewards: [N] -> [N]."""
+    assert rewards.dim() == 1 and len(group_ids) == rewards.numel()
     advantages = torch.zeros_like(rewards, dtype=torch.float32)
-    for index in members.values():
+    for index in _members(group_ids):
         group = rewards[index].float()
         # A group of one has no spread to normalise by; it carries no signal either.
         std = group.std() if len(index) > 1 else torch.tensor(0.0)
@@ -44,11 +49,8 @@ def group_advantages(rewards: torch.Tensor, group_ids: Sequence[Hashable], eps: 
 
 def filter_groups(rewards: torch.Tensor, group_ids: Sequence[Hashable]) -> torch.Tensor:
     """informative[i] is True when the group of trajectory i has rewards that are not all equal. [N] bool."""
-    members = defaultdict(list)
-    for i, gid in enumerate(group_ids):
-        members[gid].append(i)
     informative = torch.zeros(len(group_ids), dtype=torch.bool)
-    for index in members.values():
+    for index in _members(group_ids):
         group = rewards[index]
         informative[index] = bool((group != group[0]).any())
     return informative

@@ -140,7 +140,7 @@ class Episode:
     response_text: str = ""       # the model's own text only (observations left out)
     num_turns: int = 0
     valid_searches: int = 0
-    finished: bool = False        # ended by an answer, an end-of-turn token, or the last turn
+    finished: bool = False        # ended by an answer, or by the last turn without one
     truncated: bool = False       # ran out of the per-turn or total token budget
     reward: float = 0.0
 

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data import DataError, load_corpus_jsonl, load_qa_jsonl, synthetic_world
 from dspo import dspo_loss, fill_batch, grpo_loss, group_advantages, token_logprobs
-from reward import exact_match, extract_answer, score_response, token_f1
+from reward import extract_answer, score_response, token_f1
 from rollout import EXAMPLE_NAMES, collate, encode_prompt, rollout, shared_prefix_length
 from search import BM25Index
 
@@ -176,7 +176,7 @@ def load_data(args):
         passages = load_corpus_jsonl(args.corpus)
     except DataError as error:
         sys.exit(f"error: {error}")
-    # A single QA file is split deterministically: the last 10% (at least one question) is held out.
+    # A single QA file is split by a seeded shuffle: 10% of it (at least one question) is held out.
     order = random.Random(args.seed).sample(examples, len(examples))
     held_out = max(1, len(order) // 10)
     return order[held_out:], order[:held_out], passages
@@ -200,12 +200,12 @@ def next_questions(train_set, count: int, state: dict, seed: int):
 
 def generate_episodes(model, tokenizer, index, examples, group_ids, args, template, greedy=False, desc="rollout"):
     """One trajectory per example (repeat an example for a group), in chunks of --rollout-batch, scored."""
-    episodes, timings = [], {}
+    episodes = []
     with tqdm(total=len(examples), desc=desc, leave=False, dynamic_ncols=True) as bar:
         for start in range(0, len(examples), args.rollout_batch):
             chunk = examples[start:start + args.rollout_batch]
             prompts = [encode_prompt(tokenizer, example.question, template, args.topk) for example in chunk]
-            chunk_episodes, chunk_timings = rollout(
+            chunk_episodes, _ = rollout(
                 model, tokenizer, index, prompts, group_ids[start:start + args.rollout_batch],
                 max_turns=args.max_turns, topk=args.topk, max_turn_tokens=args.max_turn_tokens,
                 max_response_tokens=args.max_response_tokens, greedy=greedy, temperature=args.temperature,
@@ -213,16 +213,14 @@ def generate_episodes(model, tokenizer, index, examples, group_ids, args, templa
             for episode, example in zip(chunk_episodes, chunk):
                 episode.reward = score_response(episode.response_text, example.answers)
             episodes += chunk_episodes
-            for key, value in chunk_timings.items():
-                timings[key] = timings.get(key, 0.0) + value
             bar.update(len(chunk))
-    return episodes, timings
+    return episodes
 
 
 def evaluate(model, tokenizer, index, examples, args, template) -> dict:
     """Greedy rollouts on held-out questions: EM and F1 overall and per source, searches, length."""
-    episodes, _ = generate_episodes(model, tokenizer, index, examples, [e.id for e in examples], args, template,
-                                    greedy=True, desc="eval")
+    episodes = generate_episodes(model, tokenizer, index, examples, [e.id for e in examples], args, template,
+                                 greedy=True, desc="eval")
     result = {"val/em": float(np.mean([e.reward for e in episodes])),
               "val/f1": float(np.mean([token_f1(extract_answer(e.response_text), x.answers)
                                        for e, x in zip(episodes, examples)])),
@@ -257,7 +255,7 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id) -> d
     device = next(model.parameters()).device
     order = torch.randperm(len(episodes)).tolist()
     minibatches = [chunk.tolist() for chunk in np.array_split(order, min(args.mini_batches, len(order)))]
-    micro = []  # per mini-batch: list of (input_ids, attention_mask, loss_mask, advantages, old_logp)
+    micro = []  # per mini-batch: (input_ids, attention_mask, loss_mask, advantages, prefix_len[, old_logp])
     for chunk in minibatches:
         micro.append([])
         for start in range(0, len(chunk), args.micro_batch):
@@ -395,7 +393,7 @@ def main(argv=None):
         examples = [q for q in questions for _ in range(args.group_size)]
         group_ids = [f"{q.id}#{serial[0] + i}" for i, q in enumerate(questions) for _ in range(args.group_size)]
         serial[0] += len(questions)
-        episodes, _ = generate_episodes(model, tokenizer, index, examples, group_ids, args, template)
+        episodes = generate_episodes(model, tokenizer, index, examples, group_ids, args, template)
         return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
 
     with stop_on_signals() as stop, open(out / "metrics.jsonl", "a") as log:
