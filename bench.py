@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from rank_bm25 import BM25Okapi
 from transformers import GenerationConfig
 
-from data import synthetic_world
+from world import synthetic_world
 from rollout import EXAMPLE_NAMES, collate, encode_prompt, end_of_turn_ids, rollout
 from search import STOPWORDS, BM25Index, tokenize
 from train import load_model, parse_args, update

@@ -13,7 +13,8 @@ import pytest
 import torch
 from rank_bm25 import BM25Okapi
 
-from data import DataError, QAExample, load_corpus_jsonl, load_qa_jsonl, synthetic_world
+from data import DataError, QAExample, load_corpus_jsonl, load_qa_jsonl
+from world import synthetic_world
 from dspo import (dspo_loss, fill_batch, filter_groups, grpo_loss, group_advantages, sequence_log_ratio,
                   token_logprobs)
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
@@ -796,7 +797,7 @@ def test_synthetic_world_is_deterministic_per_seed(world):
 
 
 def test_synthetic_world_is_identical_in_another_process_with_other_hash_seed(world):
-    script = ("from data import synthetic_world; "
+    script = ("from world import synthetic_world; "
               "w = synthetic_world(seed=0); print(repr((w.train, w.test, w.passages)))")
     output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                             env={"PYTHONHASHSEED": "12345"}, cwd=Path(__file__).parent).stdout

@@ -30,7 +30,8 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data import DataError, load_corpus_jsonl, load_qa_jsonl, synthetic_world
+from data import DataError, load_corpus_jsonl, load_qa_jsonl
+from world import synthetic_world
 from dspo import dspo_loss, fill_batch, grpo_loss, group_advantages, token_logprobs
 from reward import extract_answer, score_response, token_f1
 from rollout import EXAMPLE_NAMES, collate, encode_prompt, rollout, shared_prefix_length
