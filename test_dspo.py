@@ -424,9 +424,9 @@ def _records(path):
 
 
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    import train
+    import evaluate
     # A random tiny model never answers right; a reward from the text's length gives real gradients.
-    monkeypatch.setattr(train, "score_response", lambda response, answers: float(len(response) % 2))
+    monkeypatch.setattr(evaluate, "score_response", lambda response, answers: float(len(response) % 2))
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = TINY_RUN + ["--no-filter", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2", "--warmup", "5"]
     main(common + ["--steps", "4", "--out", str(straight)])
