@@ -68,7 +68,8 @@ from transformers import GenerationConfig
 from world import synthetic_world
 from rollout import EXAMPLE_NAMES, collate, encode_prompt, end_of_turn_ids, rollout
 from search import STOPWORDS, BM25Index, tokenize
-from train import load_model, parse_args, update
+from models import load_model
+from train import parse_args, update
 
 MIB = 2 ** 20
 

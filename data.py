@@ -3,20 +3,46 @@
 A QA example is a question with its gold answers (the reward is exact match against any of them); a passage
 is one string "Title\ntext" that search.py indexes. Formats:
 
-- QA JSONL, the FlashRAG / Search-R1 shape, one object a line; `id` is optional:
+- QA JSONL, the FlashRAG / Search-R1 shape, one object a line; `id` is optional, other fields (`metadata`)
+  are ignored:
       {"id": "test_0", "question": "who wrote hamlet?", "golden_answers": ["William Shakespeare"]}
 - Corpus JSONL, either the wiki-18 shape (title line wrapped in double quotes) or a plain title/text shape:
       {"id": "1", "contents": "\"Hamlet\"\nHamlet is a tragedy by William Shakespeare ..."}
       {"title": "Hamlet", "text": "Hamlet is a tragedy by William Shakespeare ..."}
+- HotpotQA's official distractor-setting JSON: one list of records, each with `_id`, `question`, `answer`,
+  `supporting_facts`, `type`, `level` and `context` = [[title, [sentence, ...]], ...]. A sentence carries
+  its own leading space, so a paragraph's text is its sentences joined with "". Every context paragraph of
+  the train and dev files, each distinct one once, is the corpus of `load_hotpotqa`.
+
+Named datasets are fetched once into a cache folder: HotpotQA from its authors' site, and the FlashRAG files
+(`<dataset>/<split>.jsonl` in the Hugging Face dataset repo RUC-NLPIR/FlashRAG_datasets) that Search-R1
+trains and evaluates on. A file put in the cache by hand is used as is, so an offline machine works too.
 
 The synthetic world to train on without downloads is in world.py.
 Every error a user's file can cause is a DataError whose one-line message says what and where (file:line).
-Left out: gzip, memory mapping (every passage is held in memory, so use a subset of wiki-18 on a laptop),
-and answer normalisation (reward.py's job).
+Left out: gzip, checksums of downloads, resuming a broken download (it restarts), memory mapping (every
+passage is held in memory, so use a subset of wiki-18 on a laptop; hotpot_train_v1.1.json, over 500 MB, is
+parsed whole), and answer normalisation (reward.py's job).
 """
+import http.client
 import json
+import os
+import tempfile
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
+
+DEFAULT_CACHE = Path(os.environ.get("DSPO_CACHE", Path.home() / ".cache" / "dspo"))
+HOTPOTQA_URLS = {"train": "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_train_v1.1.json",
+                 "dev": "http://curtis.ml.cmu.edu/datasets/hotpot/hotpot_dev_distractor_v1.json"}
+FLASHRAG_REPO = "RUC-NLPIR/FlashRAG_datasets"
+# The splits each dataset has in that repo; Search-R1 evaluates on test where there is one, else dev.
+FLASHRAG_SPLITS = {"nq": ("train", "dev", "test"), "triviaqa": ("train", "dev", "test"), "popqa": ("test",),
+                   "hotpotqa": ("train", "dev"), "2wikimultihopqa": ("train", "dev"), "musique": ("train", "dev"),
+                   "bamboogle": ("test",)}
+PROGRESS_STEP = 1 << 20  # bytes read between progress-bar updates: a per-line update would cost seconds
 
 
 @dataclass
@@ -31,16 +57,29 @@ class DataError(ValueError):
     """A problem in a user's data file; the message is one line, 'path:line: what'."""
 
 
-def _jsonl_objects(path):
-    """Yield (1-based line number, dict) for each non-blank line of a JSONL file, read line by line."""
+def _open_bytes(path):
+    """`path` opened for reading bytes (so a bad encoding can be reported where it is); DataError if it can't be."""
     try:
-        file = open(path, "rb")  # bytes, so a bad encoding can be reported with its line number
+        return open(path, "rb")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except OSError as error:
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
-    with file:
+
+
+def _jsonl_objects(path, progress: str | None = None):
+    """Yield (1-based line number, dict) for each non-blank line of a JSONL file, read line by line; with
+    `progress`, a bar of bytes read under that label."""
+    file = _open_bytes(path)
+    size = os.fstat(file.fileno()).st_size
+    with file, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=progress, leave=False,
+                    disable=progress is None) as bar:
+        unreported = 0
         for line_no, raw in enumerate(file, start=1):
+            unreported += len(raw)
+            if unreported >= PROGRESS_STEP:
+                bar.update(unreported)
+                unreported = 0
             try:
                 line = raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some editors write
             except UnicodeDecodeError:
@@ -54,6 +93,7 @@ def _jsonl_objects(path):
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
             yield line_no, record
+        bar.update(unreported)
 
 
 def load_qa_jsonl(path, source: str | None = None) -> list[QAExample]:
@@ -83,9 +123,10 @@ def load_qa_jsonl(path, source: str | None = None) -> list[QAExample]:
 
 
 def load_corpus_jsonl(path) -> list[str]:
-    """Read passages as "Title\\ntext" from wiki-18 lines (id, contents) or plain lines (title, text)."""
+    """Read passages as "Title\\ntext" from wiki-18 lines (id, contents) or plain lines (title, text), with a
+    progress bar of bytes read (wiki-18 is 13 GB)."""
     passages = []
-    for line_no, record in _jsonl_objects(path):
+    for line_no, record in _jsonl_objects(path, progress=f"reading {Path(path).name}"):
         if isinstance(record.get("contents"), str):
             title, _, text = record["contents"].partition("\n")
             title = title.strip()
@@ -99,3 +140,136 @@ def load_corpus_jsonl(path) -> list[str]:
     if not passages:
         raise DataError(f"{path}: empty corpus")
     return passages
+
+
+# --- Downloads -------------------------------------------------------------------------------------
+
+def download(url: str, cache) -> Path:
+    """`cache`/<the URL's file name>, fetched from `url` the first time with a progress bar of bytes.
+    The bytes go to a temporary file that is renamed into place only when complete, so an interrupted
+    download never leaves a half file behind to be mistaken for the real one."""
+    path = Path(cache) / url.rsplit("/", 1)[-1]
+    if path.exists():
+        return path
+    partial = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name) as bar:
+                while chunk := response.read(PROGRESS_STEP):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+            if size is not None and out.tell() != size:
+                raise http.client.IncompleteRead(b"", size - out.tell())
+        os.replace(partial, path)
+    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts and resets are OSErrors
+        reason = " ".join(str(getattr(error, "reason", None) or error).split()) or type(error).__name__
+        raise DataError(f"cannot download {url} ({reason}); download it by hand to {path}") from None
+    finally:
+        if partial and os.path.exists(partial):
+            os.unlink(partial)
+    return path
+
+
+# --- HotpotQA (official distractor-setting files) --------------------------------------------------
+
+def _hotpotqa_record(path, number: int, record) -> tuple[QAExample, list[str]]:
+    """One record of a HotpotQA file -> (its question, its context paragraphs as "Title\\ntext")."""
+    where = f"{path}: record {number}"
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for field in ("_id", "question", "answer"):
+        if not isinstance(record.get(field), str) or not record[field].strip():
+            raise DataError(f"{where}: missing, empty or non-string field '{field}'")
+    context = record.get("context")
+    if not isinstance(context, list):
+        raise DataError(f"{where}: field 'context' must be a list of [title, [sentences]] pairs")
+    paragraphs = []
+    for pair in context:
+        if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                and isinstance(pair[1], list) and all(isinstance(s, str) for s in pair[1])):
+            raise DataError(f"{where}: a 'context' entry is not a [title, [sentences]] pair of strings")
+        paragraphs.append(f"{pair[0].strip()}\n{''.join(pair[1]).strip()}")
+    example = QAExample(record["_id"], record["question"].strip(), [record["answer"].strip()], "hotpotqa")
+    return example, paragraphs
+
+
+def read_hotpotqa(path) -> tuple[list[QAExample], list[str]]:
+    """(questions, every context paragraph in record order, repeats included) of one HotpotQA JSON file.
+    Records are numbered from 1 in error messages."""
+    with _open_bytes(path) as file:
+        raw = file.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start})") from None
+    del raw  # the train file's 500+ MB of bytes need not live on while its text is parsed
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise DataError(f"{path}: no questions")
+    examples, paragraphs = [], []
+    for number, record in enumerate(records, start=1):
+        example, context = _hotpotqa_record(path, number, record)
+        examples.append(example)
+        paragraphs += context
+    return examples, paragraphs
+
+
+def load_hotpotqa(cache=DEFAULT_CACHE) -> tuple[list[QAExample], list[QAExample], list[str]]:
+    """(train questions, dev questions, passages) of HotpotQA's distractor setting, downloaded once into
+    `cache`. The passages are every context paragraph of both files, each distinct one once, in first-seen
+    order (train file first): a small Wikipedia that holds the gold paragraphs of every question."""
+    train, train_paragraphs = read_hotpotqa(download(HOTPOTQA_URLS["train"], cache))
+    dev, dev_paragraphs = read_hotpotqa(download(HOTPOTQA_URLS["dev"], cache))
+    passages = list(dict.fromkeys(train_paragraphs + dev_paragraphs))  # a dict keeps first-seen order
+    return train, dev, passages
+
+
+# --- FlashRAG / Search-R1 QA files -----------------------------------------------------------------
+
+def flashrag_file(dataset: str, split: str, cache=DEFAULT_CACHE) -> Path:
+    """`cache`/flashrag/<dataset>/<split>.jsonl, fetched from the Hugging Face hub the first time."""
+    path = Path(cache) / "flashrag" / dataset / f"{split}.jsonl"
+    if path.exists():
+        return path
+    from huggingface_hub import hf_hub_download  # imported here: only a download needs it
+    try:
+        return Path(hf_hub_download(FLASHRAG_REPO, f"{dataset}/{split}.jsonl", repo_type="dataset",
+                                    local_dir=path.parent.parent))
+    except OSError as error:  # the hub's errors, offline included, are OSErrors
+        raise DataError(f"cannot download {dataset}/{split}.jsonl from the Hugging Face dataset "
+                        f"{FLASHRAG_REPO} ({type(error).__name__}); download it by hand to {path}") from None
+
+
+def load_qa_spec(spec: str, role: str, cache=DEFAULT_CACHE) -> list[QAExample]:
+    """The questions of a comma-separated mix of FlashRAG dataset names and QA JSONL paths, e.g.
+    "nq,hotpotqa" or "nq,my/questions.jsonl", in that order. A name reads its train split for role "train";
+    for role "eval" its test split, or dev where it has no test. Each example's `source` is its dataset
+    name; for a path, the name of its folder if that is a dataset name (FlashRAG's own layout,
+    nq/test.jsonl), else the file's stem (questions.jsonl -> "questions")."""
+    assert role in ("train", "eval"), role
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise DataError(f"data '{spec}': no dataset names or files")
+    examples = []
+    for item in items:
+        if item in FLASHRAG_SPLITS:
+            splits = FLASHRAG_SPLITS[item]
+            if role == "train" and "train" not in splits:
+                raise DataError(f"{item}: has no train split (FlashRAG has only {'/'.join(splits)}); "
+                                f"use it to evaluate")
+            split = "train" if role == "train" else "test" if "test" in splits else "dev"
+            examples += load_qa_jsonl(flashrag_file(item, split, cache), source=item)
+        elif Path(item).is_file():
+            folder = Path(item).parent.name
+            examples += load_qa_jsonl(item, source=folder if folder in FLASHRAG_SPLITS else Path(item).stem)
+        else:
+            raise DataError(f"{item}: neither a dataset name ({', '.join(FLASHRAG_SPLITS)}) nor a file")
+    return examples

@@ -25,6 +25,9 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LOGIT_CHUNK = 256  # positions whose logits are turned to fp32 log-probs at a time
 
 
 def _members(group_ids: Sequence[Hashable]) -> list[list[int]]:
@@ -94,10 +97,21 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
         logits = model(input_ids=input_ids[:, prefix_len:], attention_mask=attention_mask,
                        **{keyword: cache}).logits[:, :-1]  # predicts tokens prefix_len+1 .. T-1
     targets = input_ids[:, input_ids.shape[1] - logits.shape[1]:]
-    # cross_entropy avoids materialising a second [B, T, V] tensor for log_softmax.
-    logp = -F.cross_entropy((logits.float() / temperature).reshape(-1, logits.size(-1)), targets.reshape(-1),
-                            reduction="none").view(targets.shape)
+    # The fp32 softmax runs over slices of positions and is recomputed in the backward pass, so with a 150k
+    # vocabulary no [B, T, V] fp32 tensor (gigabytes) is ever whole or kept for the backward.
+    slices = zip(logits.split(LOGIT_CHUNK, 1), targets.split(LOGIT_CHUNK, 1))
+    if torch.is_grad_enabled():
+        logp = torch.cat([checkpoint(_target_logprobs, part, part_targets, temperature, use_reentrant=False)
+                          for part, part_targets in slices], 1)
+    else:
+        logp = torch.cat([_target_logprobs(part, part_targets, temperature) for part, part_targets in slices], 1)
     return F.pad(logp, (input_ids.shape[1] - 1 - logp.shape[1], 0))
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[B, t, V] logits, [B, t] targets -> [B, t] log-probs; cross_entropy needs no second [B, t, V] tensor."""
+    return -F.cross_entropy((logits.float() / temperature).flatten(0, 1), targets.flatten(),
+                            reduction="none").view(targets.shape)
 
 
 def sequence_log_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

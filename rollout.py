@@ -96,7 +96,11 @@ def build_messages(question: str, template: str, topk: int = 3) -> list[dict]:
 
 
 def encode_prompt(tokenizer, question: str, template: str, topk: int = 3) -> list[int]:
-    messages = build_messages(question, template, topk)
+    return encode_messages(tokenizer, build_messages(question, template, topk))
+
+
+def encode_messages(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation up to the start of the assistant's reply."""
     if tokenizer.chat_template:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True)["input_ids"])
@@ -236,6 +240,7 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
             max_context: int | None = None, greedy: bool = False, temperature: float = 1.0,
             share_prefix: bool = True) -> tuple[list[Episode], dict]:
     """Run every prompt to an answer, a truncation, or the turn limit. Returns episodes and timings (s).
+    max_turns=0 gives one answer-only turn and no search: the baselines of evaluate.py answer that way.
 
     An episode may use min(max_response_tokens, max_context - prompt length) tokens after its prompt;
     one that runs out, even before its first token, ends truncated instead of raising."""

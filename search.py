@@ -17,10 +17,17 @@ stores its whole BM25 term weight in a CSR layout (term -> a slice of passage id
 a scatter-add of its terms' postings into a score row, followed by an O(N) top-k selection. A batch of queries
 shares that row; its cost is the postings it touches plus O(N) a query, with no per-passage Python work.
 
+The index keeps 12 bytes a posting (an int32 passage id and a float64 weight) plus its vocabulary, so
+`estimate_index_bytes` can size it from a sample of passages before any of it is built: postings from the
+mean number of distinct terms a passage, vocabulary from Heaps' law V = K * T^beta fitted on the sample.
+
 Left out: stemming, phrase and proximity queries, dense retrievers and rerankers, an on-disk index (the whole
 index lives in memory), and sharding across processes.
 """
+import math
+import random
 import re
+import sys
 from collections import defaultdict
 from itertools import chain
 
@@ -34,6 +41,7 @@ it its this that these those what which who whom whose where when why how did do
 WORD = re.compile(r"\w+")  # unicode-aware on str: letters, digits and underscore of any script
 
 BUILD_CHUNK = 10_000  # passages tokenised at a time, so the token strings of a corpus never all live at once
+DICT_SLOT_BYTES = 30  # a dict entry's share of the hash table, measured 21-38 bytes on CPython 3.11
 
 
 def tokenize(text: str) -> list[str]:
@@ -116,6 +124,32 @@ class BM25Index:
             top = _top_k(row, k)
             hits.append(list(zip(top.tolist(), row[top].tolist())))
         return hits
+
+
+def estimate_index_bytes(texts: list[str], sample_size: int = 5000, seed: int = 0) -> int:
+    """Bytes a `BM25Index(texts)` will keep beyond the passages (CSR arrays and vocabulary), estimated from
+    `sample_size` passages drawn at random; exact counts, up to the per-term dict cost, when the sample is
+    all of `texts`. The build itself briefly needs several times more (it sorts one int64 key per token)."""
+    if not texts:
+        return 0
+    picks = random.Random(seed).sample(range(len(texts)), min(sample_size, len(texts)))
+    tokens = [tokenize(texts[i]) for i in picks]
+    # Postings: a passage holds one per distinct term, so the sample's mean scales with the passage count.
+    postings = sum(len(set(t)) for t in tokens) / len(tokens) * len(texts)
+    # Vocabulary: Heaps' law V = K * T^beta, beta from its growth between half and all of the sample.
+    half = len(tokens) // 2
+    half_tokens, sample_tokens = sum(map(len, tokens[:half])), sum(map(len, tokens))
+    half_vocab, sample_vocab = set(chain.from_iterable(tokens[:half])), set(chain.from_iterable(tokens))
+    vocab = len(sample_vocab)
+    if len(picks) < len(texts) and 0 < len(half_vocab) < vocab:
+        beta = min(1.0, math.log(vocab / len(half_vocab)) / math.log(sample_tokens / half_tokens))
+        corpus_tokens = sample_tokens / len(tokens) * len(texts)
+        vocab = min(vocab * (corpus_tokens / sample_tokens) ** beta, corpus_tokens)
+    # A term costs its str (sample words stand for the unseen ones), its int id and a dict slot.
+    term_bytes = (sum(map(sys.getsizeof, sample_vocab)) / max(1, len(sample_vocab)) + sys.getsizeof(2 ** 20)
+                  + DICT_SLOT_BYTES)
+    # doc_ids int32 + weights float64 per posting, indptr int64 per term, and the vocabulary dict
+    return int(postings * (4 + 8) + (vocab + 1) * 8 + vocab * term_bytes)
 
 
 def _top_k(row: np.ndarray, k: int) -> np.ndarray:

