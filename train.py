@@ -284,6 +284,8 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     rank, size = world()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options) if size > 1 else None
+    if model_state is not None and model.config.tie_word_embeddings:  # the head is the embedding: stored once
+        model_state.pop("lm_head.weight", None)
     optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
     final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
     if rank == 0:
