@@ -4,10 +4,11 @@
     python bench_scale.py --model random:Qwen2.5-1.5B --dtype float32 --amp
 
 One process, one device: build the model, roll out --questions x --group-size trajectories with train.py's
-rollout (evaluate.generate_episodes), give each group rewards 1/0 so every trajectory has an advantage,
-then run train.py's update() once. Reported: generated tokens per second of the rollout, trajectory tokens
-per second of the update (old log-probs plus --mini-batches optimizer steps), and the device's peak
-allocated memory in each phase, as one JSON line (appended to --out when given).
+rollout (evaluate.generate_episodes), give each group rewards 1/0 so every trajectory has an advantage, run
+train.py's update() once, then roll out again with the optimizer state in memory (the steady state of
+training). Reported: generated tokens per second of that second rollout, trajectory tokens per second of
+the update (old log-probs plus --mini-batches optimizer steps), and the device's peak allocated memory in
+each phase, as one JSON line (appended to --out when given).
 
 A random model never writes </search> or </answer>, so every turn runs to --max-turn-tokens: the rollout
 is the longest the budgets allow. The tokenizer is byte-level (see models.py), so prompts and passages
@@ -35,9 +36,14 @@ def peak_gib(device: str) -> float:
     return torch.cuda.max_memory_allocated(device) / GIB if device.startswith("cuda") else float("nan")
 
 
-def reset_peak(device: str) -> None:
+def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
+
+
+def reset_peak(device: str) -> None:
+    synchronize(device)
+    if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -69,26 +75,28 @@ def main(argv=None) -> dict:
     examples = [q for q in questions for _ in range(known.group_size)]
     group_ids = [f"{q.id}#{i}" for i, q in enumerate(questions) for _ in range(known.group_size)]
 
-    reset_peak(device)
-    began = time.perf_counter()
-    with autocast(args):
-        episodes = generate_episodes(model, tokenizer, index, examples, group_ids, args, args.template)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    rollout_s = time.perf_counter() - began
-    rollout_peak = peak_gib(device)
-    generated = sum(sum(e.loss_mask) for e in episodes)
+    def timed_rollout():
+        reset_peak(device)
+        began = time.perf_counter()
+        with autocast(args):
+            episodes = generate_episodes(model, tokenizer, index, examples, group_ids, args, args.template)
+        synchronize(device)
+        return episodes, time.perf_counter() - began, peak_gib(device)
 
+    episodes, first_rollout_s, _ = timed_rollout()
     for i, episode in enumerate(episodes):
         episode.reward = float(i % 2)  # half right in every group: every trajectory is trained on
     advantages = group_advantages(torch.tensor([e.reward for e in episodes]), [e.group_id for e in episodes])
     reset_peak(device)
     began = time.perf_counter()
     metrics = update(model, optimizer, scheduler, episodes, advantages, args, tokenizer.pad_token_id)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+    synchronize(device)
     update_s = time.perf_counter() - began
+    update_peak = peak_gib(device)
     tokens = sum(len(e.prompt_ids) + len(e.response_ids) for e in episodes)
+    # The steady state: the optimizer's state now lives beside the weights while the next rollout runs.
+    episodes, rollout_s, rollout_peak = timed_rollout()
+    generated = sum(sum(e.loss_mask) for e in episodes)
 
     result = {
         "model": args.model, "dtype": args.dtype, "amp": args.amp,
@@ -96,10 +104,11 @@ def main(argv=None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
         "trajectories": len(episodes), "flags": shlex.join(defaults + rest),
         "build_s": round(build_s, 1),
+        "first_rollout_s": round(first_rollout_s, 1),
         "rollout_s": round(rollout_s, 1), "rollout_generated_tokens": generated,
         "rollout_tokens_per_s": round(generated / rollout_s, 1), "rollout_peak_gib": round(rollout_peak, 2),
         "update_s": round(update_s, 1), "update_tokens": tokens,
-        "update_tokens_per_s": round(tokens / update_s, 1), "update_peak_gib": round(peak_gib(device), 2),
+        "update_tokens_per_s": round(tokens / update_s, 1), "update_peak_gib": round(update_peak, 2),
         "grad_norm": metrics["grad_norm"], "skipped_optimizer_steps": metrics["skipped_optimizer_steps"],
     }
     print(json.dumps(result))

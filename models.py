@@ -160,6 +160,9 @@ def checkpoint_activations(model) -> None:
 # ---------------------------------------------------------------------------------------------
 # Optimizer
 
+STEP_SLICE = 1 << 24  # elements of a parameter stepped at a time by BF16AdamW (64 MiB of fp32 temporaries each)
+
+
 class BF16AdamW(torch.optim.Optimizer):
     """AdamW on bf16 weights that keeps updates smaller than a bf16 rounding step.
 
@@ -168,7 +171,7 @@ class BF16AdamW(torch.optim.Optimizer):
                   small steps pile up in c until they move w.
       stochastic: round up with probability (distance to the lower bf16 value) / (bf16 spacing), so
                   the expected weight is exact.
-    Parameters are stepped one at a time, so fp32 temporaries never exceed the largest tensor.
+    Parameters are stepped in slices of STEP_SLICE elements, so fp32 temporaries stay small.
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -192,22 +195,30 @@ class BF16AdamW(torch.optim.Optimizer):
                         state["compensation"] = torch.zeros_like(param)
                 state["step"] += 1
                 step = state["step"].item()
-                weight, grad = _local(param), _local(param.grad).float()
-                exp_avg = _local(state["exp_avg"]).float().lerp_(grad, 1 - beta1)
-                exp_avg_sq = _local(state["exp_avg_sq"]).float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                _local(state["exp_avg"]).copy_(exp_avg)
-                _local(state["exp_avg_sq"]).copy_(exp_avg_sq)
-                denom = exp_avg_sq.div_(1 - beta2 ** step).sqrt_().add_(group["eps"])
-                exact = weight.float()
-                if group["rounding"] == "kahan":
-                    exact += _local(state["compensation"]).float()
-                exact.mul_(1 - group["lr"] * group["weight_decay"])
-                exact.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1 ** step))
-                if group["rounding"] == "kahan":
-                    weight.copy_(exact)
-                    _local(state["compensation"]).copy_(exact - weight.float())
-                else:
-                    weight.copy_(stochastic_round(exact, weight.dtype))
+                tensors = [param, param.grad, state["exp_avg"], state["exp_avg_sq"]] + \
+                    ([state["compensation"]] if group["rounding"] == "kahan" else [])
+                # A slice at a time: fp32 temporaries of a whole 150k x 3584 embedding would be ~10 GiB.
+                for views in zip(*(_local(t).view(-1).split(STEP_SLICE) for t in tensors)):
+                    self._step_slice(group, step, beta1, beta2, *views)
+
+    @staticmethod
+    def _step_slice(group, step, beta1, beta2, weight, grad, exp_avg_bf16, exp_avg_sq_bf16, compensation=None):
+        grad = grad.float()
+        exp_avg = exp_avg_bf16.float().lerp_(grad, 1 - beta1)
+        exp_avg_sq = exp_avg_sq_bf16.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        exp_avg_bf16.copy_(exp_avg)
+        exp_avg_sq_bf16.copy_(exp_avg_sq)
+        denom = exp_avg_sq.div_(1 - beta2 ** step).sqrt_().add_(group["eps"])
+        exact = weight.float()
+        if compensation is not None:
+            exact += compensation.float()
+        exact.mul_(1 - group["lr"] * group["weight_decay"])
+        exact.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1 ** step))
+        if compensation is not None:
+            weight.copy_(exact)
+            compensation.copy_(exact - weight.float())
+        else:
+            weight.copy_(stochastic_round(exact, weight.dtype))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
