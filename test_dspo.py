@@ -1725,3 +1725,11 @@ def test_fsdp2_resume_continues_exactly(tmp_path, length_reward_script):
     _torchrun(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "split"), "--resume"])
     straight, resumed = _weights(tmp_path / "straight", 3), _weights(tmp_path / "split", 3)
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
+
+
+def test_eval_subset_takes_each_source_in_turn():
+    from train import take_in_turn
+    examples = [QAExample(f"{s}{i}", "q", ["a"], s) for s, n in (("nq", 3), ("hotpotqa", 3), ("bamboogle", 1))
+                for i in range(n)]
+    assert [x.id for x in take_in_turn(examples, 5)] == ["nq0", "hotpotqa0", "bamboogle0", "nq1", "hotpotqa1"]
+    assert len(take_in_turn(examples, 100)) == 7

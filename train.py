@@ -14,6 +14,7 @@ rate after an optional linear warm-up, one process on one device, and a full-par
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -95,7 +96,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=0, help="optimizer steps of linear learning-rate warm-up")
     # evaluation and output
     p.add_argument("--eval-every", type=int, default=10, help="evaluate on the held-out split every N steps (0: never)")
-    p.add_argument("--eval-size", type=int, default=32, help="held-out questions per evaluation (0: all)")
+    p.add_argument("--eval-size", type=int, default=32,
+                   help="held-out questions per evaluation, taken in turn from each source (0: all)")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate --model (or --resume) greedily; write eval.json and the table eval.md")
     p.add_argument("--baseline", action="append", default=[], choices=["direct", "rag"],
@@ -149,6 +151,16 @@ def load_data(args):
 
 # ---------------------------------------------------------------------------------------------
 # Sampling, scoring, evaluation
+
+def take_in_turn(examples, count: int):
+    """The first `count` examples taking one from each source in turn, so every dataset of a mixed
+    evaluation set is represented (its own order kept within a source)."""
+    by_source = {}
+    for example in examples:
+        by_source.setdefault(example.source, []).append(example)
+    interleaved = [x for row in itertools.zip_longest(*by_source.values()) for x in row if x is not None]
+    return interleaved[:count]
+
 
 def next_questions(train_set, count: int, state: dict, seed: int):
     """The next `count` questions of a per-epoch shuffle; `state` (epoch, position) is checkpointed."""
@@ -375,7 +387,7 @@ def main(argv=None):
         index = BM25Index(passages)
     except ValueError as error:
         sys.exit(f"error: {args.corpus or args.data}: {error}")
-    eval_set = test_set[:args.eval_size] if args.eval_size else test_set
+    eval_set = take_in_turn(test_set, args.eval_size) if args.eval_size else test_set
     say(f"model {args.model} ({template}), {len(train_set)} train / {len(test_set)} test questions, "
         f"{len(passages)} passages, device {args.device}" + (f", {size} processes" if size > 1 else ""))
 
