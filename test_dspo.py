@@ -494,23 +494,23 @@ def test_a_non_finite_gradient_skips_the_optimizer_step():
 
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
-    import train
+    import checkpoints
     model, tokenizer = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
     for step in (1, 2, 3):
-        train.save_checkpoint(tmp_path, step, model, tokenizer, optimizer, scheduler, {"epoch": 0, "position": step},
+        checkpoints.save_checkpoint(tmp_path, step, model, tokenizer, optimizer, scheduler, {"epoch": 0, "position": step},
                               keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
 
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(train.torch, "save", disk_full)
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
     with pytest.raises(OSError):
-        train.save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, scheduler, {"epoch": 0, "position": 4},
+        checkpoints.save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, scheduler, {"epoch": 0, "position": 4},
                               keep=2)
-    latest = train.find_checkpoint(tmp_path, "latest")
+    latest = checkpoints.find_checkpoint(tmp_path, "latest")
     assert latest.name == "checkpoint-000003"
     assert torch.load(latest / "trainer_state.pt", weights_only=True)["data_state"]["position"] == 3
 

@@ -1,7 +1,9 @@
 """Train a search agent with DSPO: sample, search, score, filter, and update with a sequence-level ratio.
 
     python train.py                                   # SmolLM2-135M-Instruct on the synthetic world, CPU
-    python train.py --model Qwen2.5-7B --data nq.jsonl --corpus wiki18.jsonl --dtype bfloat16 --device cuda
+    python train.py --model Qwen2.5-7B --data nq,hotpotqa --corpus wiki18.jsonl --dtype bfloat16 \
+        --rounding stochastic --grad-checkpointing --device cuda         # one GPU
+    torchrun --nproc_per_node 8 train.py --model Qwen2.5-7B --amp ...      # FSDP2 over 8 GPUs
 
 Each step: sample B questions, roll out G trajectories each (rollout.py, with BM25 from search.py),
 score them by exact match (reward.py), drop groups whose rewards are all equal and sample more until B
@@ -9,18 +11,19 @@ informative groups are in hand or --max-gen-rounds is reached, compute old log-p
 --mini-batches optimizer steps on the clipped sequence-level loss (dspo.py). Later mini-batches are
 off-policy, which is what the clip is for.
 
+Under torchrun every rank samples its share of each round's groups and all ranks see every episode, so
+the filter and advantages judge whole groups; the update splits each mini-batch across ranks (FSDP2).
+
 Simplifications, on purpose: no reference model and no KL term (as in the paper), a constant learning
-rate after an optional linear warm-up, one process on one device, and a full-parameter AdamW update.
+rate after an optional linear warm-up, and a full-parameter AdamW update (models.py says how bf16
+weights keep small updates).
 """
 import argparse
-import contextlib
 import itertools
 import json
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import time
 from pathlib import Path
@@ -28,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
 from tqdm import tqdm
 
+from checkpoints import find_checkpoint, resume_state, save_checkpoint, stop_on_signals
 from data import DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, load_corpus_jsonl, load_hotpotqa, load_qa_spec
 from dspo import dspo_loss, fill_batch, grpo_loss, group_advantages, token_logprobs
 from evaluate import METHOD_LABELS, evaluate, evaluate_method, generate_episodes, write_eval_report
@@ -287,67 +289,6 @@ def autocast(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, data_state: dict,
-                    keep: int) -> Path:
-    """Write into a temporary folder and rename it, so a crash never leaves a half-written checkpoint.
-    With several ranks every rank helps gather the full weights and optimizer state; rank 0 writes them."""
-    rank, size = world()
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options) if size > 1 else None
-    if model_state is not None and model.config.tie_word_embeddings:  # the head is the embedding: stored once
-        model_state.pop("lm_head.weight", None)
-    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
-    final, tmp = out / f"checkpoint-{step:06d}", out / f".tmp-checkpoint-{step:06d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=model_state)
-        if size > 1:  # FSDP2 renamed the class (FSDPQwen2ForCausalLM); the checkpoint names the model's own
-            model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
-            model.config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "data_state": dict(data_state),
-                    "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in sorted(out.glob("checkpoint-*"))[:-keep]:
-            shutil.rmtree(old)
-    if size > 1:
-        dist.barrier()
-    return final
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGINT / SIGTERM (Ctrl-C, a pre-empted job) only raise a flag: the loop finishes its step, saves a
-    checkpoint and returns, so the process exits 0 with nothing lost."""
-    requested = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: requested.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def find_checkpoint(out: Path, resume: str) -> Path:
-    if resume != "latest":
-        path = Path(resume)
-    else:
-        found = sorted(out.glob("checkpoint-*"))
-        if not found:
-            sys.exit(f"error: --resume: no checkpoint-* folder in {out}")
-        path = found[-1]
-    if not (path / "trainer_state.pt").exists():
-        sys.exit(f"error: --resume: {path} is not a checkpoint (no trainer_state.pt)")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop
 
 def start_processes(args) -> tuple[int, int]:
@@ -403,13 +344,7 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / (args.warmup + 1)))
     start, data_state = 0, {"epoch": 0, "position": 0}
     if checkpoint:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
-        set_optimizer_state_dict(model, optimizer, state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(state["scheduler"])
-        start, data_state = state["step"], state["data_state"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        start, data_state = resume_state(checkpoint, model, optimizer, scheduler)
         say(f"resumed from {checkpoint} at step {start}")
 
     serial = [0]  # makes group ids unique even if a question comes back; reset from the step (resume)
