@@ -1733,3 +1733,30 @@ def test_eval_subset_takes_each_source_in_turn():
                 for i in range(n)]
     assert [x.id for x in take_in_turn(examples, 5)] == ["nq0", "hotpotqa0", "bamboogle0", "nq1", "hotpotqa1"]
     assert len(take_in_turn(examples, 100)) == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Equal-time runs and the ablation
+
+def test_max_minutes_stops_after_the_step_that_crosses_the_budget_then_evaluates_and_saves(tmp_path):
+    main(TINY_RUN + ["--steps", "50", "--eval-every", "10", "--max-minutes", "1e-6", "--out", str(tmp_path)])
+    records = _records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1]
+    assert "reward" in records[0] and "reward" not in records[1] and "val/em" in records[1]
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-000001"]
+
+
+def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_path):
+    import ablation
+    runs = ablation.main(["--minutes", "1e-6", "--seeds", "0,1", "--eval-every", "1", "--out", str(tmp_path),
+                          "--", *TINY_RUN])
+    assert {label: [p.name for p in paths] for label, paths in runs.items()} == {
+        "DSPO": ["dspo-seed0", "dspo-seed1"], "DSPO, no filter": ["dspo-nofilter-seed0", "dspo-nofilter-seed1"],
+        "GRPO (token-level)": ["grpo-seed0", "grpo-seed1"]}
+    assert all(ablation.finished(path) for paths in runs.values() for path in paths)
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == PNG_SIGNATURE
+    table = (tmp_path / "ablation.md").read_text()
+    assert all(f"| {label} |" in table for label in runs)
+    began = __import__("time").perf_counter()
+    ablation.main(["--minutes", "1e-6", "--seeds", "0,1", "--out", str(tmp_path), "--", *TINY_RUN])
+    assert __import__("time").perf_counter() - began < 10  # finished runs are kept, not run again

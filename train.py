@@ -84,6 +84,9 @@ def parse_args(argv=None):
     p.add_argument("--max-gen-rounds", type=int, default=3, help="cap on generation rounds to refill filtered groups")
     # optimisation
     p.add_argument("--steps", type=int, default=30, help="training steps")
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="wall-clock budget of this process's training loop (evaluations included): after the step "
+                   "that crosses it, evaluate, save and stop (0: no budget; equal-time comparisons)")
     p.add_argument("--lr", type=float, default=2e-6, help="AdamW learning rate")
     p.add_argument("--loss", default="dspo", choices=["dspo", "grpo"], help="sequence-level DSPO or token-level GRPO")
     p.add_argument("--no-filter", action="store_true", help="keep zero-variance groups (ablation)")
@@ -360,13 +363,15 @@ def main(argv=None):
 
     log = open(out / "metrics.jsonl", "a") if rank == 0 else open(os.devnull, "w")
     with stop_on_signals() as stop, log:
+        loop_began, out_of_time = time.perf_counter(), False
         for step in range(start, args.steps + 1):
             record = {"step": step}
             serial[0] = step * args.batch_prompts * args.max_gen_rounds
-            if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            last = step == args.steps or out_of_time
+            if args.eval_every and (step % args.eval_every == 0 or last):
                 with gathered(model), autocast(args):
                     record.update(evaluate(model, tokenizer, index, eval_set, args, template))
-            if step == args.steps:  # the final line holds the evaluation of the trained model only
+            if last:  # the final line holds the evaluation of the trained model only
                 if len(record) > 1:
                     log.write(json.dumps(record) + "\n")
                 break
@@ -394,7 +399,9 @@ def main(argv=None):
                 f"rollout {record['time/rollout_s']:.0f}s update {record['time/update_s']:.0f}s"
                 + (f" val/em {record['val/em']:.3f}" if "val/em" in record else ""))
             stopping = all_reduce(len(stop), "max") > 0  # every rank stops after the same step
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stopping:
+            spent = time.perf_counter() - loop_began
+            out_of_time = all_reduce(int(bool(args.max_minutes) and spent >= 60 * args.max_minutes), "max") > 0
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stopping or out_of_time:
                 save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler, data_state, args.keep)
             if stopping:
                 say(f"stopped by signal after step {step}; checkpoint saved, resume with --resume")
