@@ -191,7 +191,7 @@ def plot_runs(runs: dict[str, list], out, x: str = "time") -> Path:
 
 
 def summary(records: list[dict]) -> dict:
-    """One run in numbers: the last held-out EM and its step; the zero-advantage fraction of trained
+    """One run in numbers: the first and last held-out EM and the last one's step; the zero-advantage fraction of trained
     trajectories (per-step fractions weighted by trained_trajectories); mean generation rounds and searches
     per trajectory over the steps; training minutes. NaN: not logged."""
     def mean_of(key, weight=None):
@@ -201,7 +201,8 @@ def summary(records: list[dict]) -> dict:
         return sum(v * w for v, w in pairs) / total if total else math.nan
 
     em = [(r["step"], _number(r["val/em"])) for r in records if math.isfinite(_number(r.get("val/em")))]
-    return {"final_em": em[-1][1] if em else math.nan, "final_em_step": em[-1][0] if em else None,
+    return {"first_em": em[0][1] if em else math.nan,
+            "final_em": em[-1][1] if em else math.nan, "final_em_step": em[-1][0] if em else None,
             "frac_zero_advantage": mean_of("frac_zero_advantage", weight="trained_trajectories"),
             "num_gen_batches": mean_of("num_gen_batches"),
             "searches": mean_of("env/number_of_valid_search"),
@@ -214,8 +215,8 @@ def table(runs: dict[str, list]) -> str:
         values = [v for v in values if math.isfinite(v)]
         return f"{np.mean(values):.{digits}f}" if values else "not logged"
 
-    rows = ["| run | seeds | final val/em (mean ± half range) | at step | zero-advantage frac | gen rounds / step "
-            "| searches / trajectory | train minutes |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | seeds | val/em at step 0 | final val/em (mean ± half range) | at step | zero-advantage frac "
+            "| gen rounds / step | searches / trajectory | train minutes |", "|---|---|---|---|---|---|---|---|---|"]
     for label, paths in runs.items():
         numbers = [summary(load_metrics(path)) for path in paths]
         em = [n["final_em"] for n in numbers if math.isfinite(n["final_em"])]
@@ -224,7 +225,7 @@ def table(runs: dict[str, list]) -> str:
         steps = sorted({n["final_em_step"] for n in numbers if n["final_em_step"] is not None})
         # Seeds evaluated last at different steps (one stopped early) are flagged by a range here.
         step_text = "-" if not steps else f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
-        rows.append(f"| {label} | {len(paths)} | {em_text} | {step_text} | "
+        rows.append(f"| {label} | {len(paths)} | {show([n['first_em'] for n in numbers], 3)} | {em_text} | {step_text} | "
                     f"{show([n['frac_zero_advantage'] for n in numbers], 3)} | "
                     f"{show([n['num_gen_batches'] for n in numbers], 2)} | "
                     f"{show([n['searches'] for n in numbers], 2)} | {show([n['minutes'] for n in numbers], 1)} |")

@@ -1588,12 +1588,12 @@ def test_table_numbers_are_exact_for_hand_made_runs(tmp_path):
              frac_zero_advantage=[0.5, 0.25], trained_trajectories=[16, 16], num_gen_batches=[1, 1])
     numbers = summary(load_metrics(c))
     assert math.isnan(numbers.pop("searches"))
-    assert numbers == {"final_em": 0.1, "final_em_step": 2, "frac_zero_advantage": 0.375, "num_gen_batches": 1.0,
+    assert numbers == {"first_em": 0.0, "final_em": 0.1, "final_em_step": 2, "frac_zero_advantage": 0.375, "num_gen_batches": 1.0,
                        "minutes": 4.0}
     lines = table({"dspo": [a, b.parent], "grpo": [c]}).splitlines()
-    assert lines[0].startswith("| run | seeds | final val/em (mean ± half range) | at step |")
-    assert lines[2] == "| dspo | 2 | 0.400 ± 0.100 | 2 | 0.000 | 2.00 | 1.25 | 2.0 |"
-    assert lines[3] == "| grpo | 1 | 0.100 ± 0.000 | 2 | 0.375 | 1.00 | not logged | 4.0 |"
+    assert lines[0].startswith("| run | seeds | val/em at step 0 | final val/em (mean ± half range) | at step |")
+    assert lines[2] == "| dspo | 2 | 0.150 | 0.400 ± 0.100 | 2 | 0.000 | 2.00 | 1.25 | 2.0 |"
+    assert lines[3] == "| grpo | 1 | 0.000 | 0.100 ± 0.000 | 2 | 0.375 | 1.00 | not logged | 4.0 |"
 
 
 def test_table_flags_seeds_without_evaluation_and_evaluated_at_different_steps(tmp_path):
@@ -1601,7 +1601,7 @@ def test_table_flags_seeds_without_evaluation_and_evaluated_at_different_steps(t
     short = _run(tmp_path / "short", em=[0.0, 0.75], rewards=[0.0])
     silent = _write(tmp_path / "silent" / "metrics.jsonl", [{"step": 0, "reward": 0.0}])
     row = table({"x": [long, short, silent]}).splitlines()[2]
-    assert row.startswith("| x | 3 | 0.500 ± 0.250 (n=2) | 1-3 | not logged |")
+    assert row.startswith("| x | 3 | 0.000 | 0.500 ± 0.250 (n=2) | 1-3 | not logged |")
 
 
 def test_one_run_writes_a_png_of_the_figure_size_beside_its_metrics(tmp_path):
