@@ -1629,7 +1629,7 @@ def test_compare_prints_the_table_and_writes_one_png(tmp_path, capsys):
     out = tmp_path / "ablation.png"
     plot.main(["--compare", f"dspo={runs[0].parent},{runs[1].parent}", f"grpo={runs[2]}", "--out", str(out)])
     printed = capsys.readouterr().out.splitlines()
-    assert printed[2].startswith("| dspo | 2 | 0.375 ± 0.125 |") and printed[3].startswith("| grpo | 1 | 0.000")
+    assert printed[2].startswith("| dspo | 2 | 0.000 | 0.375 ± 0.125 |") and printed[3].startswith("| grpo | 1 | 0.000 | 0.000")
     assert printed[-1] == f"wrote {out}" and _png_size(out) == (1200, 450)
     assert plot_runs({"dspo": runs[:2]}, tmp_path / "step.png", x="step") == tmp_path / "step.png"
 
