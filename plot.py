@@ -191,9 +191,9 @@ def plot_runs(runs: dict[str, list], out, x: str = "time") -> Path:
 
 
 def summary(records: list[dict]) -> dict:
-    """One run in numbers: the first and last held-out EM and the last one's step; the zero-advantage fraction of trained
-    trajectories (per-step fractions weighted by trained_trajectories); mean generation rounds and searches
-    per trajectory over the steps; training minutes. NaN: not logged."""
+    """One run in numbers: the first and last held-out EM and the last one's step; the zero-advantage
+    fraction of trained trajectories (per-step fractions weighted by trained_trajectories); mean generation
+    rounds and searches per trajectory over the steps; training minutes. NaN: not logged."""
     def mean_of(key, weight=None):
         pairs = [(_number(r[key]), _number(r.get(weight, 1.0)) if weight else 1.0) for r in records if key in r]
         pairs = [(v, w) for v, w in pairs if math.isfinite(v) and math.isfinite(w)]
@@ -225,7 +225,8 @@ def table(runs: dict[str, list]) -> str:
         steps = sorted({n["final_em_step"] for n in numbers if n["final_em_step"] is not None})
         # Seeds evaluated last at different steps (one stopped early) are flagged by a range here.
         step_text = "-" if not steps else f"{steps[0]}" if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
-        rows.append(f"| {label} | {len(paths)} | {show([n['first_em'] for n in numbers], 3)} | {em_text} | {step_text} | "
+        first_em = show([n["first_em"] for n in numbers], 3)
+        rows.append(f"| {label} | {len(paths)} | {first_em} | {em_text} | {step_text} | "
                     f"{show([n['frac_zero_advantage'] for n in numbers], 3)} | "
                     f"{show([n['num_gen_batches'] for n in numbers], 2)} | "
                     f"{show([n['searches'] for n in numbers], 2)} | {show([n['minutes'] for n in numbers], 1)} |")

@@ -499,8 +499,8 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
     for step in (1, 2, 3):
-        checkpoints.save_checkpoint(tmp_path, step, model, tokenizer, optimizer, scheduler, {"epoch": 0, "position": step},
-                              keep=2)
+        checkpoints.save_checkpoint(tmp_path, step, model, tokenizer, optimizer, scheduler,
+                                    {"epoch": 0, "position": step}, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
 
     def disk_full(*args, **kwargs):
@@ -1588,8 +1588,8 @@ def test_table_numbers_are_exact_for_hand_made_runs(tmp_path):
              frac_zero_advantage=[0.5, 0.25], trained_trajectories=[16, 16], num_gen_batches=[1, 1])
     numbers = summary(load_metrics(c))
     assert math.isnan(numbers.pop("searches"))
-    assert numbers == {"first_em": 0.0, "final_em": 0.1, "final_em_step": 2, "frac_zero_advantage": 0.375, "num_gen_batches": 1.0,
-                       "minutes": 4.0}
+    assert numbers == {"first_em": 0.0, "final_em": 0.1, "final_em_step": 2, "frac_zero_advantage": 0.375,
+                       "num_gen_batches": 1.0, "minutes": 4.0}
     lines = table({"dspo": [a, b.parent], "grpo": [c]}).splitlines()
     assert lines[0].startswith("| run | seeds | val/em at step 0 | final val/em (mean ± half range) | at step |")
     assert lines[2] == "| dspo | 2 | 0.150 | 0.400 ± 0.100 | 2 | 0.000 | 2.00 | 1.25 | 2.0 |"
@@ -1629,7 +1629,8 @@ def test_compare_prints_the_table_and_writes_one_png(tmp_path, capsys):
     out = tmp_path / "ablation.png"
     plot.main(["--compare", f"dspo={runs[0].parent},{runs[1].parent}", f"grpo={runs[2]}", "--out", str(out)])
     printed = capsys.readouterr().out.splitlines()
-    assert printed[2].startswith("| dspo | 2 | 0.000 | 0.375 ± 0.125 |") and printed[3].startswith("| grpo | 1 | 0.000 | 0.000")
+    assert printed[2].startswith("| dspo | 2 | 0.000 | 0.375 ± 0.125 |")
+    assert printed[3].startswith("| grpo | 1 | 0.000 | 0.000")
     assert printed[-1] == f"wrote {out}" and _png_size(out) == (1200, 450)
     assert plot_runs({"dspo": runs[:2]}, tmp_path / "step.png", x="step") == tmp_path / "step.png"
 
@@ -1757,6 +1758,9 @@ def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_pat
     assert (tmp_path / "ablation.png").read_bytes()[:8] == PNG_SIGNATURE
     table = (tmp_path / "ablation.md").read_text()
     assert all(f"| {label} |" in table for label in runs)
-    began = __import__("time").perf_counter()
+    written = {path: (path / "metrics.jsonl").read_bytes() for paths in runs.values() for path in paths}
+    (runs["DSPO"][1] / "metrics.jsonl").write_text('{"step": 0, "reward": 0.0}\n')  # as if cut off mid-run
     ablation.main(["--minutes", "1e-6", "--seeds", "0,1", "--out", str(tmp_path), "--", *TINY_RUN])
-    assert __import__("time").perf_counter() - began < 10  # finished runs are kept, not run again
+    for path, before in written.items():  # finished runs are kept as they were; the cut-off one ran again
+        assert ((path / "metrics.jsonl").read_bytes() == before) == (path != runs["DSPO"][1])
+    assert ablation.finished(runs["DSPO"][1])

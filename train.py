@@ -42,6 +42,7 @@ from rollout import EXAMPLE_NAMES, collate, shared_prefix_length
 from search import BM25Index, estimate_index_bytes
 from world import synthetic_world
 
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # model
@@ -51,8 +52,8 @@ def parse_args(argv=None):
                    help="weight dtype; bfloat16 weights are trained by BF16AdamW so small updates are not lost")
     p.add_argument("--amp", action="store_true", help="bf16 compute over float32 master weights (GPU)")
     p.add_argument("--rounding", default="kahan", choices=["kahan", "stochastic"],
-                   help="how BF16AdamW keeps sub-rounding updates: a bf16 compensation buffer (exact, +2 bytes a "
-                   "parameter) or unbiased random rounding")
+                   help="how BF16AdamW keeps sub-rounding updates: a bf16 compensation buffer (about 16 significant "
+                   "bits, +2 bytes a parameter) or unbiased random rounding (8 bytes a parameter in all)")
     p.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -83,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--rollout-batch", type=int, default=64, help="trajectories generated together")
     p.add_argument("--max-gen-rounds", type=int, default=3, help="cap on generation rounds to refill filtered groups")
     # optimisation
-    p.add_argument("--steps", type=int, default=10, help="training steps (10: the laptop demo, about 13 minutes on "
-                   "2 CPU cores)")
+    p.add_argument("--steps", type=int, default=10, help="training steps (10: the laptop demo, 15 minutes with its "
+                   "evaluations on 2 CPU cores)")
     p.add_argument("--max-minutes", type=float, default=0,
                    help="wall-clock budget of this process's training loop (evaluations included): after the step "
                    "that crosses it, evaluate, save and stop (0: no budget; equal-time comparisons)")
