@@ -39,7 +39,7 @@ from reward import exact_match, extract_answer, normalize_answer, score_response
 from rollout import (INVALID_ACTION, MAX_QUERY_CHARS, Episode, collate, encode_prompt, parse_action, rollout,
                      shared_prefix_length)
 from search import BM25Index, estimate_index_bytes, format_hits, tokenize
-from train import main
+from train import main, parse_args
 from world import synthetic_world
 
 
@@ -861,6 +861,20 @@ def test_synthetic_two_hop_answer_is_absent_from_subject_passage(world):
         subjects = [p for p in world.passages if p.split("\n", 1)[0] in example.question]
         assert len(subjects) == 1, example.question
         assert example.answers[0] not in subjects[0]
+
+
+def test_synthetic_passages_hold_only_their_facts_unless_distractors_are_asked_for(world):
+    names = titles(world)
+    named = [sum(name in p.split("\n", 1)[1] or name == p.split("\n", 1)[0] for name in names)
+             for p in world.passages]
+    assert max(named) == 3 and min(named) == 2  # the entity and the objects of its one or two relations
+    detailed = synthetic_world(seed=0, distractors=True)
+    assert (detailed.train, detailed.test) == (world.train, world.test)
+    assert all(long.startswith(short) and len(long) > len(short) + 40
+               for short, long in zip(world.passages, detailed.passages))
+    for example in [e for e in detailed.train if e.source == "synthetic-2hop"]:
+        subject = next(p for p in detailed.passages if p.split("\n", 1)[0] in example.question)
+        assert example.answers[0] not in subject
 
 
 def test_synthetic_one_hop_answer_is_in_subject_passage(world):
@@ -1764,3 +1778,30 @@ def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_pat
     for path, before in written.items():  # finished runs are kept as they were; the cut-off one ran again
         assert ((path / "metrics.jsonl").read_bytes() == before) == (path != runs["DSPO"][1])
     assert ablation.finished(runs["DSPO"][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# probe.py
+
+def test_probe_counts_groups_with_differing_rewards_as_informative(monkeypatch, world):
+    import probe
+    outcomes = [(1.0, 2), (0.0, 1), (0.0, 2), (0.0, 0), (1.0, 2), (1.0, 2)]  # (reward, searches), groups of 2
+
+    def fake_episodes(model, tokenizer, index, examples, group_ids, args, template, desc):
+        assert len(examples) == 6 and examples[0] is examples[1] and group_ids[0] == group_ids[1]
+        return [Episode(g, [], reward=r, valid_searches=s, truncated=s == 0)
+                for g, (r, s) in zip(group_ids, outcomes)]
+
+    monkeypatch.setattr(probe, "generate_episodes", fake_episodes)
+    args = parse_args(["--model", "tiny", "--group-size", "2"])
+    row = probe.probe(None, None, None, world.train[:3], args)
+    assert row == {"questions": 3, "trajectories": 6, "correct": 0.5, "2+ searches": 4 / 6,
+                   "informative": 1 / 3, "truncated": 1 / 6}
+
+
+def test_probe_prints_one_row_per_question_kind(capsys):
+    import probe
+    probe.main(["--questions", "2", "--model", "tiny", "--group-size", "2", "--max-turn-tokens", "4",
+                "--max-turns", "1"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| synthetic")]
+    assert [row.split(" | ")[0:3] for row in rows] == [["| synthetic-1hop", "2", "4"], ["| synthetic-2hop", "2", "4"]]

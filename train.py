@@ -299,6 +299,13 @@ def autocast(args):
 # ---------------------------------------------------------------------------------------------
 # The loop
 
+def pick_template(template: str, model) -> str:
+    """--template auto: worked examples for models under 1B parameters, the bare instruction above."""
+    if template != "auto":
+        return template
+    return "few-shot" if sum(p.numel() for p in model.parameters()) < 1e9 else "zero-shot"
+
+
 def start_processes(args) -> tuple[int, int]:
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU) and take this
     rank's GPU. Returns (rank, world size)."""
@@ -322,9 +329,7 @@ def main(argv=None):
     checkpoint = find_checkpoint(out, args.resume) if args.resume else None
 
     model, tokenizer = load_model(str(checkpoint or args.model), args.dtype, args.device, args.trust_remote_code)
-    template = args.template
-    if template == "auto":
-        template = "few-shot" if sum(p.numel() for p in model.parameters()) < 1e9 else "zero-shot"
+    template = pick_template(args.template, model)
     if args.grad_checkpointing:
         checkpoint_activations(model)
     if size > 1:

@@ -1,9 +1,16 @@
 """The synthetic world: made-up people, cities, countries, companies and rivers to train a search agent on.
 
-One passage per entity ("Title\ntext"), with 1-hop questions ("In which city was Zorvath Kellan born?") and
+One passage per entity ("Title\ntext"): the entity's own facts, and with distractors=True a few more sentences
+naming other entities, years and numbers. 1-hop questions ("In which city was Zorvath Kellan born?") and
 2-hop questions ("In which country was Zorvath Kellan born?"). The names are invented, so a small model cannot
 answer from memory and must search; a 2-hop answer is never in the subject's own passage, so it takes two
 searches. Everything is drawn from one seeded random.Random, so a seed gives the same world in any process.
+
+The default passage is its facts alone. SmolLM2-135M, the demo's model, answers with a random entity of a
+long passage and almost never searches a second time after one: with distractors, sampled at 0.5, it got 0
+of 24 2-hop training questions right and searched twice in 3; with facts alone, 4 right and 16 (the
+README's "Why the world's passages are short" says how this was measured). Questions and answers are the same
+either way.
 
 Left out: distractor passages beyond the other entities, questions of more than two hops, and paraphrased
 questions (each relation has one wording).
@@ -77,11 +84,12 @@ def _name_maker(rng: random.Random, exclude: frozenset[str]):
 def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, num_countries: int = 12,
                     num_companies: int = 30, num_rivers: int = 16, num_questions: int = 600,
                     two_hop_fraction: float = 0.5, test_fraction: float = 0.2,
-                    exclude: frozenset[str] = frozenset()) -> World:
+                    exclude: frozenset[str] = frozenset(), distractors: bool = False) -> World:
     """Generate entities, their passages and questions, split by question into train and test. Only
     random.Random(seed) is used, so a seed gives the same world in every process. Names in `exclude`
     (and their words) never appear; excluding names changes the rest of the world. num_questions is capped
-    by how many distinct questions of each kind the world holds."""
+    by how many distinct questions of each kind the world holds. distractors=True keeps each passage's
+    extra sentences; the random draws, and so the entities and questions, do not depend on it."""
     if not (3 <= num_countries <= num_cities and min(num_cities, num_people) >= 4
             and min(num_companies, num_rivers) >= 2):
         raise ValueError("synthetic_world needs 3 <= countries <= cities, 4+ cities and people, "
@@ -109,19 +117,20 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
         facts[person] = {"born_in": rng.choice(cities), "works_for": rng.choice(companies)}
     founded_in = {company: facts[company]["founded_in"] for company in companies}
 
-    # One passage per entity: its own facts plus distractors (other entities, irrelevant numbers).
+    # One passage per entity: (its own facts, distractor sentences naming other entities and numbers).
     passage = {}
     for country in countries:
         neighbours = rng.sample([c for c in countries if c != country], 2)
         passage[country] = (
-            f"{country} is a country whose capital is {facts[country]['capital']}. It borders {neighbours[0]} "
-            f"and {neighbours[1]} and has about {rng.randint(2, 60)} million inhabitants. Its flag is "
-            f"{rng.choice(COLOURS)} and {rng.choice(COLOURS)}, its national pastime is {rng.choice(HOBBIES)}, and "
-            f"its oldest university dates from {rng.randint(1100, 1900)}.")
+            f"{country} is a country whose capital is {facts[country]['capital']}.",
+            f"It borders {neighbours[0]} and {neighbours[1]} and has about {rng.randint(2, 60)} million "
+            f"inhabitants. Its flag is {rng.choice(COLOURS)} and {rng.choice(COLOURS)}, its national pastime is "
+            f"{rng.choice(HOBBIES)}, and its oldest university dates from {rng.randint(1100, 1900)}.")
     for city in cities:
         twin = rng.choice([c for c in cities if c != city])
         passage[city] = (
-            f"{city} is a city in {facts[city]['in_country']} on the banks of the {facts[city]['on_river']}. "
+            f"{city} is a city in {facts[city]['in_country']} on the banks of the "
+            f"{facts[city]['on_river']}.",
             f"It was founded in {rng.randint(900, 1800)} and has about {rng.randint(20, 900) * 1000} "
             f"inhabitants. "
             f"{city} is twinned with {twin}, a city in {facts[twin]['in_country']}, and its flag is "
@@ -130,7 +139,8 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
         other = rng.choice([r for r in rivers if r != river])
         passage[river] = (
             f"The {river} rises in {facts[river]['rises_in']} and flows for {rng.randint(80, 2400)} kilometres "
-            f"before it reaches the sea. It is often confused with the {other}, which rises in "
+            f"before it reaches the sea.",
+            f"It is often confused with the {other}, which rises in "
             f"{facts[other]['rises_in']}. Fishermen prize its {rng.choice(COLOURS)} trout, and "
             f"{rng.randint(3, 40)} bridges cross it.")
     for company in companies:
@@ -138,7 +148,8 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
         offices = rng.sample([c for c in cities if c != founded_in[company]], 2)
         passage[company] = (
             f"{company} is a {rng.choice(INDUSTRIES)} company founded in {founded_in[company]} in "
-            f"{rng.randint(1850, 2015)}. It employs about {rng.randint(40, 9000)} people and has offices in "
+            f"{rng.randint(1850, 2015)}.",
+            f"It employs about {rng.randint(40, 9000)} people and has offices in "
             f"{offices[0]} and {offices[1]}. Its main rival is {rival}, which was founded in {founded_in[rival]}.")
     for person in people:
         employer_city = founded_in[facts[person]["works_for"]]
@@ -148,9 +159,9 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
         surname = person.split()[1]
         passage[person] = (
             f"{person} is a {rng.choice(PROFESSIONS)} who was born in {facts[person]['born_in']} in "
-            f"{rng.randint(1930, 2000)}. {person} works for {facts[person]['works_for']}. Before that, {surname} "
-            f"studied in {places[0]} and spent {rng.randint(2, 9)} years in {places[1]}. {surname} is a close "
-            f"friend of {friend}, who works for {facts[friend]['works_for']}, and is known for "
+            f"{rng.randint(1930, 2000)}. {person} works for {facts[person]['works_for']}.",
+            f"Before that, {surname} studied in {places[0]} and spent {rng.randint(2, 9)} years in {places[1]}. "
+            f"{surname} is a close friend of {friend}, who works for {facts[friend]['works_for']}, and is known for "
             f"{rng.choice(HOBBIES)}.")
 
     # Candidate questions, as (question, answer, hops); a 2-hop answer must not be in the subject's passage.
@@ -162,7 +173,7 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
             if first in relations:
                 answer = facts[relations[first]][second]
                 question = template.format(subject)
-                if answer not in passage[subject] and answer not in question:
+                if answer not in " ".join(passage[subject]) and answer not in question:
                     two_hop.append((question, answer, 2))
 
     # Sample the requested mix, then split each hop count separately so both splits hold both kinds.
@@ -178,5 +189,5 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
         train += group[num_test:]
     rng.shuffle(train)
     rng.shuffle(test)
-    passages = [f"{name}\n{passage[name]}" for name in facts]
+    passages = [f"{name}\n{' '.join(passage[name]) if distractors else passage[name][0]}" for name in facts]
     return World(train, test, passages)
