@@ -17,8 +17,11 @@ turn without search. An action that is neither a search nor an answer gets a sho
 observation; running out of the per-turn or total budget ends the episode as truncated.
 
 The prompt prefix all episodes share (the instruction and worked examples) is encoded once per call
-and its KV cache reused by every turn. Left out: reusing each episode's own cache across turns (a
-turn re-encodes the episode's earlier turns), and tool calls other than search.
+and its KV cache copied into the first turn. Each later turn continues from the cache the last turn's
+generate() returned, less finished episodes, and encodes per row only its last sampled token and
+[left padding | observation]. Padding and tokens a row samples after its stop stay in the cache,
+masked out; positions count only attended tokens, so the model sees what re-encoding the unpadded
+episode would show it. Left out: tool calls other than search.
 """
 import copy
 import inspect
@@ -27,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from search import BM25Index, format_hits
@@ -188,8 +192,8 @@ def shared_prefix_length(sequences: list[list[int]]) -> int:
 
 
 def prefix_cache(model, prefix: list[int]):
-    """KV cache of the shared prompt prefix, batch 1. Every turn of every episode starts from it, so
-    the few-shot history is encoded once per rollout instead of once per episode and turn."""
+    """KV cache of the shared prompt prefix, batch 1. Every episode's first turn (every turn without
+    reuse_cache) starts from it, so the few-shot history is encoded once per rollout, not per episode."""
     device = next(model.parameters()).device
     with torch.no_grad():
         return model(input_ids=torch.tensor([prefix], device=device), use_cache=True)[cache_keyword(model)]
@@ -200,47 +204,76 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _generate_turn(model, tokenizer, sequences, prefix, cache, max_new_tokens, stop_strings, eos_ids, greedy,
-                   temperature):
-    """One batched generate call: [shared prefix | left padding | suffix] per row, the prefix read from
-    `cache`. Returns each row's new tokens cut at its stop, and whether it stopped."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    suffixes = [s[len(prefix):] for s in sequences]
-    width = len(prefix) + max(len(s) for s in suffixes)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # [A, P + W]
-    attention_mask = torch.zeros_like(input_ids)
-    input_ids[:, :len(prefix)] = torch.tensor(prefix, dtype=torch.long)
-    attention_mask[:, :len(prefix)] = 1
-    for row, suffix in enumerate(suffixes):
-        input_ids[row, width - len(suffix):] = torch.tensor(suffix)
-        attention_mask[row, width - len(suffix):] = 1
+@dataclass
+class TurnCache:
+    """Each row's tokens so far and their KV cache. A row's attended tokens are its episode, in order."""
+    episodes: list[int]           # [A] the episode of each row
+    input_ids: torch.Tensor       # [A, T] every token fed or sampled
+    attention_mask: torch.Tensor  # [A, T] 0 on padding and on tokens sampled after a row's stop
+    cache: object                 # KV cache of the first columns of input_ids (None: of none); generate() adds the rest
+
+
+def _prefix_turn(active: list[int], prefix: list[int], cache) -> TurnCache:
+    """Every active row holding just the shared prefix (maybe empty), its batch-1 `cache` expanded to all."""
+    input_ids = torch.tensor([prefix], dtype=torch.long).expand(len(active), -1)  # [A, P]
+    if cache is not None:
+        # generate() appends to the cache it is given, so each call works on its own expanded copy.
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(len(active))
+    return TurnCache(active, input_ids, torch.ones_like(input_ids), cache)
+
+
+def _extend(previous: TurnCache, active: list[int], sequences, pad_id) -> TurnCache:
+    """`previous` cut to the `active` episodes, each row extended by what its episode gained since (the
+    prompt after the prefix, or the last turn's observation): [previous | left padding | new tokens]."""
+    rows = torch.tensor([previous.episodes.index(i) for i in active])
+    if previous.cache is not None and len(active) < len(previous.episodes):
+        previous.cache.batch_select_indices(rows)  # in place: finished episodes leave the cache
+    old_ids, old_mask = previous.input_ids[rows], previous.attention_mask[rows]  # [A, T]
+    known = [ids[mask.bool()].tolist() for ids, mask in zip(old_ids, old_mask)]  # each episode so far
+    assert all(k == s[:len(k)] for k, s in zip(known, sequences)), "rows out of step with their episodes"
+    new = [torch.tensor(s[len(k):], dtype=torch.long) for k, s in zip(known, sequences)]
+    new_ids = pad_sequence(new, batch_first=True, padding_value=pad_id, padding_side="left")  # [A, N]
+    new_mask = pad_sequence([torch.ones_like(t) for t in new], batch_first=True, padding_side="left")
+    # generate() derives positions from attention_mask.cumsum(-1) - 1, so masked holes (padding, tokens
+    # after a stop) give every attended token the position it has in the unpadded episode.
+    return TurnCache(active, torch.cat([old_ids, new_ids], 1), torch.cat([old_mask, new_mask], 1), previous.cache)
+
+
+def _generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strings, eos_ids, pad_id, greedy,
+                   temperature) -> tuple[list[tuple[list[int], bool]], TurnCache]:
+    """One batched generate call that encodes what `state.cache` lacks of `state.input_ids`, then samples.
+    Returns each row's new tokens cut at its stop and whether it stopped, and the state after it."""
+    width = state.input_ids.shape[1]
     stopper = StopAtTags(tokenizer, stop_strings, eos_ids, width)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad_id,
-                              eos_token_id=sorted(eos_ids), **({} if greedy else
+                              eos_token_id=sorted(eos_ids), return_dict_in_generate=True, **({} if greedy else
                               {"temperature": temperature, "top_k": 0, "top_p": 1.0}))
     device = next(model.parameters()).device
-    kwargs = {}
-    if cache is not None:
-        # generate() appends to the cache it is given, so each turn works on its own expanded copy.
-        row_cache = copy.deepcopy(cache)
-        row_cache.batch_repeat_interleave(len(sequences))
-        kwargs[cache_keyword(model)] = row_cache
+    kwargs = {cache_keyword(model): state.cache} if state.cache is not None else {}
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        out = model.generate(input_ids=state.input_ids.to(device), attention_mask=state.attention_mask.to(device),
                              generation_config=config, stopping_criteria=StoppingCriteriaList([stopper]), **kwargs)
-    new = out[:, width:].cpu()  # [A, L]
-    stop_at = stopper.stop_at if stopper.stop_at is not None else torch.full((len(sequences),), -1)
-    # (tokens, stopped): a row that never stopped ran out of its budget.
-    return [(new[row, :int(stop_at[row]) + 1].tolist(), True) if stop_at[row] >= 0 else (new[row].tolist(), False)
-            for row in range(len(sequences))]
+    sequences = out.sequences.cpu()  # [A, T + L]
+    new = sequences[:, width:]  # [A, L]
+    stop_at = stopper.stop_at if stopper.stop_at is not None else torch.full((len(new),), -1)
+    # Each row keeps its tokens up to its stop; one that never stopped ran out of its budget and keeps all.
+    kept = torch.where(stop_at >= 0, stop_at + 1, new.shape[1])  # [A]
+    turns = [(new[row, :int(n)].tolist(), bool(stop_at[row] >= 0)) for row, n in enumerate(kept)]
+    # A row that stopped early was fed padding until the last row stopped: cached, but masked from now on.
+    new_mask = (torch.arange(new.shape[1]) < kept[:, None]).long()  # [A, L]
+    return turns, TurnCache(state.episodes, sequences, torch.cat([state.attention_mask, new_mask], 1),
+                            getattr(out, cache_keyword(model), None))
 
 
 def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_ids: list[str], *,
             max_turns: int = 2, topk: int = 3, max_turn_tokens: int = 48, max_response_tokens: int = 512,
             max_context: int | None = None, greedy: bool = False, temperature: float = 1.0,
-            share_prefix: bool = True) -> tuple[list[Episode], dict]:
+            share_prefix: bool = True, reuse_cache: bool = True) -> tuple[list[Episode], dict]:
     """Run every prompt to an answer, a truncation, or the turn limit. Returns episodes and timings (s).
     max_turns=0 gives one answer-only turn and no search: the baselines of evaluate.py answer that way.
+    share_prefix encodes the prompts' common prefix once; reuse_cache carries each episode's KV cache from
+    turn to turn. Neither changes a token (up to float rounding); both only save prefill time.
 
     An episode may use min(max_response_tokens, max_context - prompt length) tokens after its prompt;
     one that runs out, even before its first token, ends truncated instead of raising."""
@@ -252,6 +285,8 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
     prefix = prompts[0][:shared_prefix_length(prompts)] if share_prefix and active else []
     cache = prefix_cache(model, prefix) if prefix else None
     eos_ids = end_of_turn_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    state = None  # the last turn's rows, tokens and KV cache, kept with reuse_cache
     timings = {"generate": 0.0, "search": 0.0, "splice": 0.0}
     for turn in range(max_turns + 1):
         if not active:
@@ -261,8 +296,11 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
         budgets = [limits[i] - len(episodes[i].response_ids) for i in active]
         start = time.perf_counter()
         sequences = [episodes[i].prompt_ids + episodes[i].response_ids for i in active]
-        turns = _generate_turn(model, tokenizer, sequences, prefix, cache, min(max_turn_tokens, max(budgets)),
-                               stop_strings, eos_ids, greedy, temperature)
+        # Without reuse_cache every turn starts over from the prefix and re-encodes the episode so far.
+        state = _extend(state if state is not None else _prefix_turn(active, prefix, cache), active, sequences, pad_id)
+        turns, state = _generate_turn(model, tokenizer, state, min(max_turn_tokens, max(budgets)), stop_strings,
+                                      eos_ids, pad_id, greedy, temperature)
+        state = state if reuse_cache else None  # frees this turn's KV cache before the next one is built
         timings["generate"] += time.perf_counter() - start
 
         start = time.perf_counter()

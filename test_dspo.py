@@ -185,7 +185,7 @@ class ScriptedPolicy(torch.nn.Module):
         self.tokenizer, self.turns = tokenizer, turns
         self.observations_in_prompt = prompt.count("<information>")
 
-    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria):
+    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria):  # returns no KV cache
         eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         rows = []
         for row in input_ids.tolist():
@@ -199,7 +199,7 @@ class ScriptedPolicy(torch.nn.Module):
             out = torch.cat([out, torch.tensor([[r[step]] for r in rows])], dim=1)
             if stopping_criteria[0](out, None).all():
                 break
-        return out
+        return SimpleNamespace(sequences=out) if generation_config.return_dict_in_generate else out
 
 
 def _scripted_episode(world, turns, **kwargs):
@@ -296,6 +296,61 @@ def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
     shared = token_logprobs(model, input_ids, attention_mask, 0.7, prefix_len)
     assert torch.allclose(full[loss_mask.bool()], shared[loss_mask.bool()], atol=1e-5)
     assert shared[:, :prefix_len].abs().max() == 0
+
+
+def _multi_turn_tiny_model(monkeypatch, world):
+    """The tiny model with larger random weights, whose text differs from row to row and now and then
+    closes a tag it never opened (</answer>, </search>): an invalid action, answered by INVALID_ACTION.
+    It never writes a whole <search> q </search>, so here every other invalid action searches for a
+    title instead: episodes take 1 to 3 turns, with observations of passages and of INVALID_ACTION."""
+    titles = [passage.split("\n")[0] for passage in world.passages]
+
+    def parse(text, stopped, last_turn, earlier=""):
+        kind, query = parse_action(text, stopped, last_turn, earlier)
+        return ("search", titles[len(text) % len(titles)]) if kind == "invalid" and len(text) % 2 else (kind, query)
+
+    monkeypatch.setattr("rollout.parse_action", parse)
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    with torch.no_grad():
+        for weight in model.model.layers.parameters():
+            if weight.ndim == 2:
+                weight.normal_(0, 0.3)
+    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:8]]
+    return model, tokenizer, prompts
+
+
+def _reuse_runs(model, tokenizer, world, prompts, **kwargs) -> dict:
+    """Episodes of the same seeded rollout without and with the cross-turn KV cache."""
+    runs = {}
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        runs[reuse] = rollout(model, tokenizer, BM25Index(world.passages), prompts, list("abcdefgh"), max_turns=2,
+                              topk=2, max_turn_tokens=48, max_response_tokens=2000, reuse_cache=reuse, **kwargs)[0]
+    return runs
+
+
+def _outcomes(episodes):
+    return [(e.response_ids, e.loss_mask, e.num_turns, e.valid_searches, e.finished, e.truncated) for e in episodes]
+
+
+def test_reusing_each_episodes_cache_across_turns_changes_no_greedy_token(world, monkeypatch):
+    model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
+    runs = _reuse_runs(model, tokenizer, world, prompts, greedy=True)
+    assert _outcomes(runs[True]) == _outcomes(runs[False])
+    # Rows leave the batch after turns 1 and 2, stop at different tokens, and get both kinds of observation.
+    assert {e.num_turns for e in runs[True]} == {1, 2, 3}
+    assert sum(e.valid_searches for e in runs[True]) >= 2
+    assert any(INVALID_ACTION in tokenizer.decode(e.response_ids) for e in runs[True])
+    assert len({len(e.response_ids) for e in runs[True] if e.num_turns > 1}) > 1
+
+
+def test_reusing_each_episodes_cache_across_turns_samples_the_same_tokens(world, monkeypatch):
+    # Without the shared prefix: the cache that generate() builds itself is the one carried over.
+    model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
+    runs = _reuse_runs(model, tokenizer, world, prompts, temperature=1.0, share_prefix=False)
+    assert _outcomes(runs[True]) == _outcomes(runs[False])
+    assert max(e.num_turns for e in runs[True]) == 3 and sum(e.valid_searches for e in runs[True]) >= 2
 
 
 HOSTILE_PIECES = ["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>", "<", ">",
