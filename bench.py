@@ -30,7 +30,9 @@ rollout's own "search" and "splice" timings, and idle padding. Idle padding is e
 an episode's turns are the runs of 1s in its loss mask; a turn's generate() runs as long as its longest row,
 so the decode steps after a row stopped are idle slots, and that share of decode slot-steps is charged the
 same share of decode time (a check: the decode steps this implies equal those the hook counted, unless a
-token budget cut a turn). The same rollout with share_prefix=False shows what the shared-prefix cache buys.
+token budget cut a turn). The same rollout with reuse_cache=False (each turn re-encodes the episode so far),
+and with share_prefix=False as well (every turn re-encodes the few-shot history too), shows what each cache
+buys.
 
 Update section: train.py's update() (old log-probs, then --mini-batches AdamW steps, micro-batched, DSPO
 loss; train.py's default flags, --train-args changes them) on the rollout's episodes with random
@@ -301,7 +303,7 @@ def benchmark_batch(tokenizer, train_args, questions: int, group_size: int, seed
     return BM25Index(world.passages), prompts, [q.id for q in chosen]
 
 
-def run_rollout(model, tokenizer, batch, train_args, seed: int, share_prefix: bool = True):
+def run_rollout(model, tokenizer, batch, train_args, seed: int, **caches):
     """One seeded, clocked rollout() with train.py's settings: (wall s, episodes, timings, forward clock)."""
     index, prompts, group_ids = batch
     torch.manual_seed(seed)
@@ -309,7 +311,7 @@ def run_rollout(model, tokenizer, batch, train_args, seed: int, share_prefix: bo
         wall, (episodes, timings) = timed(lambda: rollout(
             model, tokenizer, index, prompts, group_ids, max_turns=train_args.max_turns, topk=train_args.topk,
             max_turn_tokens=train_args.max_turn_tokens, max_response_tokens=train_args.max_response_tokens,
-            temperature=train_args.temperature, share_prefix=share_prefix))
+            temperature=train_args.temperature, **caches))
     return wall, episodes, timings, clock
 
 
@@ -342,7 +344,7 @@ PART_LABELS = {
     "decode running": "model forward, decode, rows still writing",
     "decode idle": "model forward, decode, idle rows (stopped, padded)",
     "generate other": "generate() outside the forward (sampling, stop-tag checks)",
-    "turn setup": "turn setup: left padding, prefix-cache copy",
+    "turn setup": "turn setup: padding, cache copy and row selection",
     "search": "search (BM25)",
     "splice": "tokenise + splice observations",
     "prefix": "shared-prefix encode, other",
@@ -350,7 +352,8 @@ PART_LABELS = {
 
 
 def bench_rollout(model, tokenizer, batch, train_args, seed: int):
-    """rollout() with and without the shared-prefix cache against one generate() of as many tokens."""
+    """rollout() with both caches, without the per-episode one, and with neither, against one generate()
+    of as many tokens."""
     _, prompts, _ = batch
     plain_generate(model, tokenizer, prompts[:2], 2, train_args.temperature)  # warm up kernels and allocator
     shared = run_rollout(model, tokenizer, batch, train_args, seed)
@@ -360,23 +363,25 @@ def bench_rollout(model, tokenizer, batch, train_args, seed: int):
     torch.manual_seed(seed)
     with forward_clock(model) as plain_clock:
         plain_wall = timed(lambda: plain_generate(model, tokenizer, prompts, per_row, train_args.temperature))[0]
-    unshared = run_rollout(model, tokenizer, batch, train_args, seed, share_prefix=False)
+    runs = [shared, run_rollout(model, tokenizer, batch, train_args, seed, reuse_cache=False),
+            run_rollout(model, tokenizer, batch, train_args, seed, reuse_cache=False, share_prefix=False)]
 
-    columns = [rollout_parts(*run) for run in (shared, unshared)]
+    columns = [rollout_parts(*run) for run in runs]
     columns.append({"prefill": plain_clock["prefill"], "decode running": plain_clock["decode"],
                     "generate other": plain_wall - plain_clock["prefill"] - plain_clock["decode"]})
-    walls = [shared[0], unshared[0], plain_wall]
-    tokens = [generated, sum(sum(e.loss_mask) for e in unshared[1]), f"{len(prompts)} x {per_row}"]
+    walls = [run[0] for run in runs] + [plain_wall]
+    tokens = [sum(sum(e.loss_mask) for e in run[1]) for run in runs] + [f"{len(prompts)} x {per_row}"]
     rows = [["model-generated tokens", *tokens], ["wall s", *(f"{w:.1f}" for w in walls)]]
     for key, label in PART_LABELS.items():
         rows.append([label] + [f"{c[key]:.2f} ({c[key] / w:.0%})" if key in c else "-" for c, w in zip(columns, walls)])
     ratio = shared[0] / plain_wall
     rows.append(["ratio to one generate()", f"**{ratio:.2f}** {verdict(ratio <= 1.5)} (<= 1.5)",
-                 f"{unshared[0] / plain_wall:.2f}", "1.00"])
+                 *(f"{run[0] / plain_wall:.2f}" for run in runs[1:]), "1.00"])
     print_table(f"Rollout: {len(prompts)} trajectories, train.py defaults (max_turns {train_args.max_turns}, "
                 f"topk {train_args.topk}, max_turn_tokens {train_args.max_turn_tokens}, temperature "
                 f"{train_args.temperature}), seconds (share of wall)",
-                ["", "rollout()", "rollout(share_prefix=False)", "one generate(), same tokens"], rows)
+                ["", "rollout()", "rollout(reuse_cache=False)", "(also share_prefix=False)",
+                 "one generate(), same tokens"], rows)
     steps, slots, idle = decode_slots(episodes)
     print(f"\nIdle rows (method in the module docstring): {idle} of {slots} decode slot-steps "
           f"({idle / max(slots, 1):.0%}) were spent on rows that had stopped; decode steps implied by the "

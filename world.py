@@ -7,10 +7,9 @@ answer from memory and must search; a 2-hop answer is never in the subject's own
 searches. Everything is drawn from one seeded random.Random, so a seed gives the same world in any process.
 
 The default passage is its facts alone. SmolLM2-135M, the demo's model, answers with a random entity of a
-long passage and almost never searches a second time after one: with distractors, sampled at 0.5, it got 0
-of 24 2-hop training questions right and searched twice in 3; with facts alone, 4 right and 16 (the
-README's "Why the world's passages are short" says how this was measured). Questions and answers are the same
-either way.
+long passage and almost never searches a second time after reading one, so with distractors it gets almost no
+2-hop question right and DSPO has nothing to reinforce; `python probe.py [--distractors]` measures both (README,
+"Why the passages are short"). Questions and answers are the same either way.
 
 Left out: distractor passages beyond the other entities, questions of more than two hops, and paraphrased
 questions (each relation has one wording).
