@@ -89,8 +89,8 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=0,
                    help="wall-clock budget of this process's training loop (evaluations included): after the step "
                    "that crosses it, evaluate, save and stop (0: no budget; equal-time comparisons)")
-    p.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (at 1e-5 one step turned SmolLM2-135M "
-                   "into always searching twice, costing 1-hop answers; use about 1e-6 for 7B models)")
+    p.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (5e-6: SmolLM2-135M's held-out EM rises "
+                   "within 8 steps; at 1e-5 its training reward fell to 0.04 by step 6; about 1e-6 for 7B models)")
     p.add_argument("--loss", default="dspo", choices=["dspo", "grpo"], help="sequence-level DSPO or token-level GRPO")
     p.add_argument("--no-filter", action="store_true", help="keep zero-variance groups (ablation)")
     p.add_argument("--clip-low", type=float, default=3e-4, help="DSPO: s_i is clipped below at 1 - clip_low")
