@@ -35,6 +35,7 @@ from evaluate import (METHOD_LABELS, baseline_prompts, eval_table, evaluate, eva
                       write_eval_report)
 from models import tiny_model
 from plot import MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary, table, x_values
+import probe
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
 from rollout import (INVALID_ACTION, MAX_QUERY_CHARS, Episode, collate, encode_prompt, parse_action, rollout,
                      shared_prefix_length)
@@ -1839,7 +1840,6 @@ def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_pat
 # probe.py
 
 def test_probe_counts_groups_with_differing_rewards_as_informative(monkeypatch, world):
-    import probe
     outcomes = [(1.0, 2), (0.0, 1), (0.0, 2), (0.0, 0), (1.0, 2), (1.0, 2)]  # (reward, searches), groups of 2
 
     def fake_episodes(model, tokenizer, index, examples, group_ids, args, template, desc):
@@ -1855,7 +1855,6 @@ def test_probe_counts_groups_with_differing_rewards_as_informative(monkeypatch, 
 
 
 def test_probe_prints_one_row_per_question_kind(capsys):
-    import probe
     probe.main(["--questions", "2", "--model", "tiny", "--group-size", "2", "--max-turn-tokens", "4",
                 "--max-turns", "1"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| synthetic")]
