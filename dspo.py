@@ -80,23 +80,32 @@ def fill_batch(sample_round: Callable[[], list[list]], num_groups: int, max_roun
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0,
-                   prefix_len: int = 0) -> torch.Tensor:
+                   prefix_len: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """log pi(token_t | tokens_<t) for t = 1..T-1 of right-padded sequences. [B, T] -> [B, T-1].
 
     pi is the distribution the rollout sampled from, softmax(logits / temperature). With prefix_len > 0
     the rows share their first prefix_len tokens (the prompt's instruction and examples): that prefix is
     encoded once and its KV cache broadcast to the batch; gradients still flow through it. Targets
     inside the prefix get log-prob 0 (they are prompt tokens, never trained on).
+
+    With `mask` ([B, T-1], the tokens the loss will read) logits are computed only at the positions where
+    some row has a masked target, and every other log-prob is 0. In an agent's trajectory most tokens are
+    retrieved passages, so this skips most of the output layer and its softmax (values are unchanged).
     """
+    keep = torch.arange(prefix_len, input_ids.shape[1] - 1, device=input_ids.device)  # predicting positions
+    if mask is not None:
+        keep = mask[:, prefix_len:].any(0).nonzero().flatten() + prefix_len
+        keep = keep if len(keep) else torch.tensor([input_ids.shape[1] - 2], device=input_ids.device)
     if prefix_len == 0:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                       logits_to_keep=keep).logits
     else:
         keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         cache = model(input_ids=input_ids[:1, :prefix_len], use_cache=True, logits_to_keep=1)[keyword]
         cache.batch_repeat_interleave(input_ids.shape[0])
         logits = model(input_ids=input_ids[:, prefix_len:], attention_mask=attention_mask,
-                       **{keyword: cache}).logits[:, :-1]  # predicts tokens prefix_len+1 .. T-1
-    targets = input_ids[:, input_ids.shape[1] - logits.shape[1]:]
+                       logits_to_keep=keep - prefix_len, **{keyword: cache}).logits
+    targets = input_ids[:, keep + 1]  # [B, K]
     # The fp32 softmax runs over slices of positions and is recomputed in the backward pass, so with a 150k
     # vocabulary no [B, T, V] fp32 tensor (gigabytes) is ever whole or kept for the backward.
     slices = zip(logits.split(LOGIT_CHUNK, 1), targets.split(LOGIT_CHUNK, 1))
@@ -105,7 +114,7 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                           for part, part_targets in slices], 1)
     else:
         logp = torch.cat([_target_logprobs(part, part_targets, temperature) for part, part_targets in slices], 1)
-    return F.pad(logp, (input_ids.shape[1] - 1 - logp.shape[1], 0))
+    return logp.new_zeros(input_ids.shape[0], input_ids.shape[1] - 1).index_copy(1, keep, logp)
 
 
 def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -299,6 +299,33 @@ def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
     assert shared[:, :prefix_len].abs().max() == 0
 
 
+
+def test_logprobs_only_at_masked_positions_keep_values_and_gradients(world):
+    """Logits only where the loss reads (here: the model's own tokens, never the prompt or passages)."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:3]]
+    episodes, _ = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turn_tokens=6,
+                          max_response_tokens=30)
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    assert 0 < loss_mask.any(0).sum() < loss_mask.shape[1] / 2  # the saving is real: most positions go
+    prefix_len = shared_prefix_length([e.prompt_ids for e in episodes])
+    for prefix in (0, prefix_len):
+        grads = []
+        for mask in (None, loss_mask):
+            model.zero_grad()
+            logp = token_logprobs(model, input_ids, attention_mask, 0.7, prefix, mask)
+            (logp * loss_mask).sum().backward()
+            grads.append(model.model.embed_tokens.weight.grad.clone())
+            if mask is None:
+                full = logp.detach()
+        assert torch.allclose(full[loss_mask.bool()], logp[loss_mask.bool()], atol=1e-6)
+        assert logp[~loss_mask.any(0).expand_as(loss_mask)].abs().max() == 0
+        assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+    empty = token_logprobs(model, input_ids, attention_mask, 1.0, 0, torch.zeros_like(loss_mask))
+    assert empty.shape == loss_mask.shape and empty[:, :-1].abs().max() == 0
+
 def _multi_turn_tiny_model(monkeypatch, world):
     """The tiny model with larger random weights, whose text differs from row to row and now and then
     closes a tag it never opened (</answer>, </search>): an invalid action, answered by INVALID_ACTION.
@@ -548,6 +575,39 @@ def test_a_non_finite_gradient_skips_the_optimizer_step():
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
+
+
+def test_update_equals_scoring_pi_old_for_every_trajectory_before_the_first_step():
+    """update() skips the pi_old pass of the on-policy first mini-batch; the weights must come out as
+    when every trajectory is scored first and each mini-batch then takes its clipped step."""
+    import copy
+    from rollout import Episode
+    import train
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    reference = copy.deepcopy(model)
+    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7],
+                        loss_mask=[1, 1, 0, 1]) for i in range(4)]
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "2", "--lr", "1.0"])
+    for net in (model, reference):
+        net.optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)  # Adam would amplify float noise
+    scheduler = torch.optim.lr_scheduler.LambdaLR(model.optimizer, lambda done: 1.0)
+    result = train.update(model, model.optimizer, scheduler, episodes, advantages, args, tokenizer.pad_token_id)
+    assert result["ratio/max"] - result["ratio/min"] > 1e-2  # the second mini-batch ran off-policy
+
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    with torch.no_grad():
+        old = token_logprobs(reference, input_ids, attention_mask, args.temperature)
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()  # update()'s shuffle, step 0
+    for rows in (order[:2], order[2:]):
+        reference.optimizer.zero_grad()
+        logp = token_logprobs(reference, input_ids[rows], attention_mask[rows], args.temperature)
+        dspo_loss(logp, old[rows], loss_mask[rows], advantages[rows], args.clip_low, args.clip_high)[0].backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), args.grad_clip)
+        reference.optimizer.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.parameters(), reference.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_model()[0].parameters()))
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
     import checkpoints

@@ -7,9 +7,9 @@
 
 Each step: sample B questions, roll out G trajectories each (rollout.py, with BM25 from search.py),
 score them by exact match (reward.py), drop groups whose rewards are all equal and sample more until B
-informative groups are in hand or --max-gen-rounds is reached, compute old log-probs once, then take
---mini-batches optimizer steps on the clipped sequence-level loss (dspo.py). Later mini-batches are
-off-policy, which is what the clip is for.
+informative groups are in hand or --max-gen-rounds is reached, then take --mini-batches optimizer steps
+on the clipped sequence-level loss (dspo.py). Later mini-batches are off-policy, which is what the clip
+is for; their old log-probs are computed once, before the first step.
 
 Under torchrun every rank samples its share of each round's groups and all ranks see every episode, so
 the filter and advantages judge whole groups; the update splits each mini-batch across ranks (FSDP2).
@@ -84,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--rollout-batch", type=int, default=64, help="trajectories generated together")
     p.add_argument("--max-gen-rounds", type=int, default=3, help="cap on generation rounds to refill filtered groups")
     # optimisation
-    p.add_argument("--steps", type=int, default=8, help="training steps (8: the laptop demo, about 15 minutes with its "
-                   "evaluations on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=10, help="training steps (10: the laptop demo, under 15 minutes with "
+                   "its evaluations on 2 CPU cores)")
     p.add_argument("--max-minutes", type=float, default=0,
                    help="wall-clock budget of this process's training loop (evaluations included): after the step "
                    "that crosses it, evaluate, save and stop (0: no budget; equal-time comparisons)")
@@ -105,7 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--warmup", type=int, default=0, help="optimizer steps of linear learning-rate warm-up")
     # evaluation and output
-    p.add_argument("--eval-every", type=int, default=4,
+    p.add_argument("--eval-every", type=int, default=5,
                    help="evaluate on the held-out split every N steps and after the last (0: never)")
     p.add_argument("--eval-size", type=int, default=32,
                    help="held-out questions per evaluation, taken in turn from each source (0: all)")
@@ -218,7 +218,8 @@ def micro_batches(rows: list[int], lengths: list[int], max_rows: int, max_tokens
 
 
 def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, step: int = 0) -> dict:
-    """Old log-probs once, then --mini-batches optimizer steps (micro-batched) on a shuffled batch.
+    """Old log-probs once (for the off-policy mini-batches), then --mini-batches optimizer steps
+    (micro-batched) on a shuffled batch.
 
     With W ranks each takes every W-th trajectory of a mini-batch; FSDP2 averages gradients over ranks, so
     a trajectory's loss is weighted W / (mini-batch size) and the step equals one process's. Every rank
@@ -246,13 +247,15 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, step
         prefix_len = shared_prefix_length([episodes[i].prompt_ids for i in rows]) if share_prefix else 0
         return (*tensors, advantages[rows].to(device), prefix_len)
 
-    def logprobs(rows):
-        input_ids, attention_mask, _, _, prefix_len = batch(rows)
-        return token_logprobs(model, input_ids, attention_mask, args.temperature, prefix_len)
+    def logprobs(rows):  # logits only where the loss reads: the model's own tokens
+        input_ids, attention_mask, loss_mask, _, prefix_len = batch(rows)
+        return token_logprobs(model, input_ids, attention_mask, args.temperature, prefix_len, loss_mask)
 
     with torch.no_grad(), gathered(model), autocast(args):
-        # pi_old: the policy that sampled this batch, scored once; [rows, T-1] per micro-batch.
-        old_logps = [[logprobs(rows) for rows, _ in mine] for mine in plan]
+        # pi_old, the policy that sampled this batch: [rows, T-1] per micro-batch, scored before the first
+        # optimizer step. The first mini-batch is on-policy, so its pi_old is its own forward's log-probs,
+        # detached (None here), and needs no pass of its own.
+        old_logps = [[None] * len(plan[0])] + [[logprobs(rows) for rows, _ in mine] for mine in plan[1:]]
 
     sums, steps, skipped, ratio_min, ratio_max = {}, 0, 0, math.inf, -math.inf
     model.train(args.grad_checkpointing)  # HF checkpoints layers only in train mode; dropout is off anyway
@@ -262,7 +265,8 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, step
         for (rows, weight), old_logp in zip(mine, old):
             input_ids, attention_mask, loss_mask, adv, prefix_len = batch(rows)
             with autocast(args):
-                logp = token_logprobs(model, input_ids, attention_mask, args.temperature, prefix_len)
+                logp = token_logprobs(model, input_ids, attention_mask, args.temperature, prefix_len, loss_mask)
+            old_logp = logp.detach() if old_logp is None else old_logp
             if args.loss == "dspo":
                 loss, metrics = dspo_loss(logp, old_logp, loss_mask, adv, args.clip_low, args.clip_high)
             else:
