@@ -34,8 +34,9 @@ token budget cut a turn). The same rollout with reuse_cache=False (each turn re-
 and with share_prefix=False as well (every turn re-encodes the few-shot history too), shows what each cache
 buys.
 
-Update section: train.py's update() (old log-probs, then --mini-batches AdamW steps, micro-batched, DSPO
-loss; train.py's default flags, --train-args changes them) on the rollout's episodes with random
+Update section: train.py's update() (old log-probs of the off-policy mini-batches, then --mini-batches
+AdamW steps, micro-batched, DSPO loss; train.py's default flags, --train-args changes them) on the
+rollout's episodes with random
 advantages, against a plain loop over the same collated micro-batches (same shuffle): one forward,
 a masked token cross-entropy, a backward, and a plain AdamW step per mini-batch (no old log-probs, no
 clipping). Target: update / plain <= 1.2. Then peak memory of update() at micro-batch sizes 1, 4 and 16

@@ -84,8 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--rollout-batch", type=int, default=64, help="trajectories generated together")
     p.add_argument("--max-gen-rounds", type=int, default=3, help="cap on generation rounds to refill filtered groups")
     # optimisation
-    p.add_argument("--steps", type=int, default=10, help="training steps (10: the laptop demo, under 15 minutes with "
-                   "its evaluations on 2 CPU cores)")
+    p.add_argument("--steps", type=int, default=10, help="training steps (10: the laptop demo, 13 minutes with its "
+                   "evaluations on 2 CPU cores as measured in README)")
     p.add_argument("--max-minutes", type=float, default=0,
                    help="wall-clock budget of this process's training loop (evaluations included): after the step "
                    "that crosses it, evaluate, save and stop (0: no budget; equal-time comparisons)")
