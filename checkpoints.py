@@ -3,8 +3,8 @@
 A checkpoint is a folder checkpoint-NNNNNN/ with the HF weights and tokenizer (from_pretrained loads it)
 and trainer_state.pt (optimizer, scheduler, step, RNG states, position in the data). It is written under a
 temporary name and renamed, so a crash mid-write leaves the previous one intact. With several processes
-every rank helps gather the full state and rank 0 writes it. SIGINT / SIGTERM only raise a flag that the
-training loop reads at the end of a step.
+every rank helps gather the full state and rank 0 writes it. A first SIGINT / SIGTERM raises a flag that the
+training loop reads at the end of a step; a second exits at once.
 
 Left out: sharded (per-rank) checkpoint files, asynchronous saving, and keeping the best checkpoint by score.
 """
@@ -14,6 +14,8 @@ import random
 import shutil
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -55,18 +57,53 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     return final
 
 
+SAME_REQUEST_S = 1.0  # a second signal this soon after the first is the same request (a launcher forwarding it)
+
+
 @contextlib.contextmanager
 def stop_on_signals():
-    """SIGINT / SIGTERM (Ctrl-C, a pre-empted job) only raise a flag: the loop finishes its step, saves a
-    checkpoint and returns, so the process exits 0 with nothing lost."""
+    """SIGINT / SIGTERM (Ctrl-C, a pre-empted job): the first says at once that the run stops after the current
+    step and raises a flag the loop reads there (it saves a checkpoint and returns, so the process exits 0);
+    a second, a second or more later, exits at once with status 128 + signal, keeping the last checkpoint.
+
+    The signals are watched by a thread reading the interpreter's wake-up pipe, which the C-level handler
+    writes the moment a signal arrives, so even a main thread blocked inside a C call (a forward pass, a
+    collective) cannot delay the second signal's exit."""
     requested = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: requested.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch():
+        first = None
+        while byte := os.read(read_fd, 1):
+            signum = byte[0]
+            if signum not in (signal.SIGINT, signal.SIGTERM):
+                continue
+            now = time.monotonic()
+            if first is None:
+                first = now
+                requested.append(signum)
+                print(f"\n{signal.Signals(signum).name}: stopping after the current step, with a checkpoint "
+                      "(signal again to stop now)", file=sys.stderr, flush=True)
+            elif now - first >= SAME_REQUEST_S:
+                print(f"{signal.Signals(signum).name} again: stopping now; the last checkpoint is kept",
+                      file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(128 + signum)
+
+    watcher = threading.Thread(target=watch, name="signal-watcher", daemon=True)
+    watcher.start()
     try:
         yield requested
     finally:
+        signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(write_fd)  # the watcher reads end-of-file and returns
+        watcher.join()
+        os.close(read_fd)
 
 
 def find_checkpoint(out: Path, resume: str) -> Path:

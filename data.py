@@ -6,7 +6,8 @@ is one string "Title\ntext" that search.py indexes. Formats:
 - QA JSONL, the FlashRAG / Search-R1 shape, one object a line; `id` is optional, other fields (`metadata`)
   are ignored:
       {"id": "test_0", "question": "who wrote hamlet?", "golden_answers": ["William Shakespeare"]}
-- Corpus JSONL, either the wiki-18 shape (title line wrapped in double quotes) or a plain title/text shape:
+- Corpus JSONL, either the wiki-18 shape (title line wrapped in double quotes) or a plain title/text shape,
+  gzip-compressed when the name ends in .gz (decompressed line by line as it is read):
       {"id": "1", "contents": "\"Hamlet\"\nHamlet is a tragedy by William Shakespeare ..."}
       {"title": "Hamlet", "text": "Hamlet is a tragedy by William Shakespeare ..."}
 - HotpotQA's official distractor-setting JSON: one list of records, each with `_id`, `question`, `answer`,
@@ -14,21 +15,25 @@ is one string "Title\ntext" that search.py indexes. Formats:
   its own leading space, so a paragraph's text is its sentences joined with "". Every context paragraph of
   the train and dev files, each distinct one once, is the corpus of `load_hotpotqa`.
 
-Named datasets are fetched once into a cache folder: HotpotQA from its authors' site, and the FlashRAG files
-(`<dataset>/<split>.jsonl` in the Hugging Face dataset repo RUC-NLPIR/FlashRAG_datasets) that Search-R1
-trains and evaluates on. A file put in the cache by hand is used as is, so an offline machine works too.
+Named datasets are fetched once into a cache folder: HotpotQA from its authors' site; from the Hugging Face
+hub, the FlashRAG files (`<dataset>/<split>.jsonl` in the dataset repo RUC-NLPIR/FlashRAG_datasets) and
+wiki-18 (`wiki-18.jsonl.gz` in PeterJinGo/wiki-18-corpus), the questions and corpus Search-R1 trains and
+evaluates on; `load_search_r1` reads that whole setup, the paper's `--data search-r1`. A file put in the
+cache by hand is used as is, so an offline machine works too.
 
 The synthetic world to train on without downloads is in world.py.
 Every error a user's file can cause is a DataError whose one-line message says what and where (file:line).
-Left out: gzip, checksums of downloads, resuming a broken download (it restarts), memory mapping (every
-passage is held in memory, so use a subset of wiki-18 on a laptop; hotpot_train_v1.1.json, over 500 MB, is
-parsed whole), and answer normalisation (reward.py's job).
+Left out: checksums of downloads, resuming a download broken off in an earlier run (it restarts), memory
+mapping (every passage is held in memory, so use a subset of wiki-18 on a laptop; hotpot_train_v1.1.json,
+over 500 MB, is parsed whole), and answer normalisation (reward.py's job).
 """
+import gzip
 import http.client
 import json
 import os
 import tempfile
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +47,10 @@ FLASHRAG_REPO = "RUC-NLPIR/FlashRAG_datasets"
 FLASHRAG_SPLITS = {"nq": ("train", "dev", "test"), "triviaqa": ("train", "dev", "test"), "popqa": ("test",),
                    "hotpotqa": ("train", "dev"), "2wikimultihopqa": ("train", "dev"), "musique": ("train", "dev"),
                    "bamboogle": ("test",)}
+WIKI18_REPO, WIKI18_FILE = "PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz"  # Search-R1's scripts/download.py
+# Search-R1 trains on the NQ and HotpotQA train splits and evaluates on these seven (FlashRAG names).
+SEARCH_R1_TRAIN = "nq,hotpotqa"
+SEARCH_R1_EVAL = "nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle"
 PROGRESS_STEP = 1 << 20  # bytes read between progress-bar updates: a per-line update would cost seconds
 
 
@@ -67,33 +76,57 @@ def _open_bytes(path):
         raise DataError(f"{path}: cannot read ({error.strerror})") from None
 
 
+def _gzip_lines(path, file):
+    """The lines of an open gzip file, decompressed as they are read. A file cut short (a partial download)
+    or corrupt stops with a DataError, so its readable start is never taken for the whole."""
+    try:
+        with gzip.GzipFile(fileobj=file) as lines:
+            yield from lines
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(f"{path}: incomplete or corrupt gzip file ({reason}); delete it and download it "
+                        f"again") from None
+
+
+def _line_error(path, line_no: int, what: str, unread) -> DataError:
+    """DataError 'path:line_no: what', once `unread`, the rest of a gzip file's lines (nothing for a plain
+    file), has been read through: corrupt bytes decompress into garbled lines before the checksum at the
+    end of the file catches them, and then the corruption is the error to report."""
+    for _ in unread:
+        pass
+    return DataError(f"{path}:{line_no}: {what}")
+
+
 def _jsonl_objects(path, progress: str | None = None):
-    """Yield (1-based line number, dict) for each non-blank line of a JSONL file, read line by line; with
-    `progress`, a bar of bytes read under that label."""
+    """Yield (1-based line number, dict) for each non-blank line of a JSONL file, read line by line and
+    decompressed on the way if its name ends in .gz; with `progress`, a bar of the file's bytes read (the
+    compressed bytes of a .gz) under that label."""
     file = _open_bytes(path)
     size = os.fstat(file.fileno()).st_size
+    lines = _gzip_lines(path, file) if Path(path).suffix == ".gz" else file
+    unread = lines if lines is not file else ()  # what a bad line's error reads through first
     with file, tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=progress, leave=False,
                     disable=progress is None) as bar:
-        unreported = 0
-        for line_no, raw in enumerate(file, start=1):
+        reported, unreported = 0, 0  # bytes of the file shown on the bar; bytes of lines read since
+        for line_no, raw in enumerate(lines, start=1):
             unreported += len(raw)
             if unreported >= PROGRESS_STEP:
-                bar.update(unreported)
-                unreported = 0
+                bar.update(file.tell() - reported)
+                reported, unreported = file.tell(), 0
             try:
                 line = raw.decode("utf-8-sig")  # -sig: tolerate the byte-order mark some editors write
             except UnicodeDecodeError:
-                raise DataError(f"{path}:{line_no}: not UTF-8 text") from None
+                raise _line_error(path, line_no, "not UTF-8 text", unread) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{line_no}: not valid JSON ({error.msg})") from None
+                raise _line_error(path, line_no, f"not valid JSON ({error.msg})", unread) from None
             if not isinstance(record, dict):
-                raise DataError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                raise _line_error(path, line_no, f"expected a JSON object, got {type(record).__name__}", unread)
             yield line_no, record
-        bar.update(unreported)
+        bar.update(file.tell() - reported)
 
 
 def load_qa_jsonl(path, source: str | None = None) -> list[QAExample]:
@@ -123,8 +156,8 @@ def load_qa_jsonl(path, source: str | None = None) -> list[QAExample]:
 
 
 def load_corpus_jsonl(path) -> list[str]:
-    """Read passages as "Title\\ntext" from wiki-18 lines (id, contents) or plain lines (title, text), with a
-    progress bar of bytes read (wiki-18 is 13 GB)."""
+    """Read passages as "Title\\ntext" from wiki-18 lines (id, contents) or plain lines (title, text), from a
+    .jsonl or .jsonl.gz file, with a progress bar of bytes read (wiki-18 is 13 GB unpacked)."""
     passages = []
     for line_no, record in _jsonl_objects(path, progress=f"reading {Path(path).name}"):
         if isinstance(record.get("contents"), str):
@@ -171,6 +204,27 @@ def download(url: str, cache) -> Path:
         if partial and os.path.exists(partial):
             os.unlink(partial)
     return path
+
+
+def hub_file(repo: str, filename: str, folder) -> Path:
+    """`folder`/`filename`, fetched from the Hugging Face dataset `repo` the first time; a file already there
+    (put by hand, say) is used as is, without asking the hub.
+    hf_hub_download (huggingface_hub/file_download.py) shows a progress bar on a terminal and writes the
+    bytes to a temporary `.incomplete` file under `folder`/.cache/huggingface/download/, moved to its name
+    only once the download has finished. Over plain HTTP it retries a dropped connection from the bytes it
+    already has, and checks the total against the size the hub announced before the move; a file the hub
+    keeps in Xet storage is fetched by hf_xet instead, where that is installed. The temporary file belongs
+    to one call, so a download broken off in an earlier run is not resumed: it starts again."""
+    path = Path(folder) / filename
+    if path.exists():
+        return path
+    from huggingface_hub import hf_hub_download  # imported here: only a download needs it
+    try:
+        return Path(hf_hub_download(repo, filename, repo_type="dataset", local_dir=folder))
+    except Exception as error:  # offline and missing files raise OSErrors, but a connection lost mid-file
+        # raises the HTTP client's own error and a failed Xet transfer hf_xet's: each is a failed download
+        raise DataError(f"cannot download {filename} from the Hugging Face dataset {repo} "
+                        f"({type(error).__name__}); download it by hand to {path}") from None
 
 
 # --- HotpotQA (official distractor-setting files) --------------------------------------------------
@@ -236,16 +290,13 @@ def load_hotpotqa(cache=DEFAULT_CACHE) -> tuple[list[QAExample], list[QAExample]
 
 def flashrag_file(dataset: str, split: str, cache=DEFAULT_CACHE) -> Path:
     """`cache`/flashrag/<dataset>/<split>.jsonl, fetched from the Hugging Face hub the first time."""
-    path = Path(cache) / "flashrag" / dataset / f"{split}.jsonl"
-    if path.exists():
-        return path
-    from huggingface_hub import hf_hub_download  # imported here: only a download needs it
-    try:
-        return Path(hf_hub_download(FLASHRAG_REPO, f"{dataset}/{split}.jsonl", repo_type="dataset",
-                                    local_dir=path.parent.parent))
-    except OSError as error:  # the hub's errors, offline included, are OSErrors
-        raise DataError(f"cannot download {dataset}/{split}.jsonl from the Hugging Face dataset "
-                        f"{FLASHRAG_REPO} ({type(error).__name__}); download it by hand to {path}") from None
+    return hub_file(FLASHRAG_REPO, f"{dataset}/{split}.jsonl", Path(cache) / "flashrag")
+
+
+def wiki18_file(cache=DEFAULT_CACHE) -> Path:
+    """`cache`/wiki-18/wiki-18.jsonl.gz, Search-R1's Wikipedia (Dec 2018, 100-word passages), fetched from
+    the Hugging Face hub the first time; it is read compressed, never unpacked on disk."""
+    return hub_file(WIKI18_REPO, WIKI18_FILE, Path(cache) / "wiki-18")
 
 
 def load_qa_spec(spec: str, role: str, cache=DEFAULT_CACHE) -> list[QAExample]:
@@ -273,3 +324,16 @@ def load_qa_spec(spec: str, role: str, cache=DEFAULT_CACHE) -> list[QAExample]:
         else:
             raise DataError(f"{item}: neither a dataset name ({', '.join(FLASHRAG_SPLITS)}) nor a file")
     return examples
+
+
+def load_search_r1(cache=DEFAULT_CACHE, eval_only: bool = False,
+                   corpus=None) -> tuple[list[QAExample], list[QAExample], list[str]]:
+    """(train questions, eval questions, passages) of Search-R1's setup: the NQ + HotpotQA train splits
+    (none with `eval_only`), the seven evaluation sets of SEARCH_R1_EVAL, and wiki-18, each downloaded once
+    into `cache`. `corpus`, a .jsonl or .jsonl.gz path (a local copy or subset of wiki-18), replaces the
+    wiki-18 download. The small question files are fetched first, so a missing one stops the run before
+    the corpus download does."""
+    train = [] if eval_only else load_qa_spec(SEARCH_R1_TRAIN, "train", cache)
+    evaluation = load_qa_spec(SEARCH_R1_EVAL, "eval", cache)
+    passages = load_corpus_jsonl(wiki18_file(cache) if corpus is None else corpus)
+    return train, evaluation, passages

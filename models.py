@@ -21,12 +21,14 @@ directly into shards (each rank reads the whole model into host memory before it
 import contextlib
 import importlib.util
 import os
+import socket
 import sys
+import urllib.parse
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -119,6 +121,64 @@ def random_model(name: str, dtype: torch.dtype, device: str):
         torch.set_default_dtype(previous)
 
 
+def model_source(name: str) -> str:
+    """Where --model's files are: the converted SmolLM2 folder, Qwen/<name> for a Qwen2.5 short name, else
+    `name` itself (a hub id or a local folder)."""
+    if name == DEFAULT_MODEL:
+        return str(smollm2_checkpoint())
+    if name.startswith("Qwen2.5-") and not Path(name).exists():
+        return f"Qwen/{name}"
+    return name
+
+
+def _from_hub(load, name: str, source: str):
+    """`load(local_files_only)` from the local cache first, then the hub; a model that is neither cached nor
+    reachable ends the run with one line (transformers would retry for half a minute, then raise)."""
+    try:
+        return load(True)
+    except OSError:
+        if Path(source).exists() or not _hub_reachable():
+            pass
+        else:
+            try:
+                return load(False)
+            except OSError:
+                pass
+    if Path(source).exists():
+        sys.exit(f"error: --model {name}: {source} is not a model folder transformers can load (no config.json "
+                 "or weights)")
+    sys.exit(f"error: --model {name}: {source} is neither a local folder nor in the Hugging Face cache, and the "
+             f"hub cannot be reached; download it where there is network (hf download {source}) or pass the "
+             "path of a local copy")
+
+
+def _hub_reachable() -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host name does not resolve (no network)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # a proxy resolves names itself
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
+
+
+def parameter_count(name: str, trust_remote_code: bool = False) -> int:
+    """Parameters of --model, from its config alone: the model is built on the meta device, no weights read."""
+    if name == "tiny" or name.startswith("random:"):
+        model = tiny_model()[0] if name == "tiny" else random_model(name, torch.bfloat16, "meta")[0]
+    else:
+        source = model_source(name)
+        config = _from_hub(lambda local: AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                                    local_files_only=local), name, source)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     torch_dtype = getattr(torch, dtype)
     if name == "tiny":
@@ -126,22 +186,22 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", trust_rem
     elif name.startswith("random:"):
         model, tokenizer = random_model(name, torch_dtype, device)
     else:
-        if name == DEFAULT_MODEL:
-            path = smollm2_checkpoint()
-        elif name.startswith("Qwen2.5-") and not Path(name).exists():
-            path = f"Qwen/{name}"
-        else:
-            path = name
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        source = model_source(name)
+        tokenizer = _from_hub(lambda local: AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local), name, source)
+        model = _from_hub(lambda local: AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, trust_remote_code=trust_remote_code, local_files_only=local), name, source)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device=device, dtype=torch_dtype)
     # pi_old and pi_theta must be the same function of the weights: no dropout anywhere, in any mode
-    # (gradient checkpointing needs train mode during the update).
+    # (gradient checkpointing needs train mode during the update). Attention layers copy the config's
+    # attention_dropout when they are built, so it is zeroed on each module, not only in the config.
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
     if hasattr(model.config, "attention_dropout"):
         model.config.attention_dropout = 0.0
     model.eval()

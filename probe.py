@@ -26,7 +26,7 @@ from evaluate import generate_episodes
 from models import load_model
 from rollout import EXAMPLE_NAMES
 from search import BM25Index
-from train import parse_args, pick_template
+from train import parse_args
 from world import synthetic_world
 
 
@@ -52,13 +52,12 @@ def main(argv=None):
     model, tokenizer = load_model(args.model, args.dtype, args.device)
     world = synthetic_world(seed=args.seed, exclude=EXAMPLE_NAMES, distractors=own.distractors)
     index = BM25Index(world.passages)
-    template = pick_template(args.template, model)
     print("| source | questions | trajectories | correct | 2+ searches | informative groups | truncated | s |")
     print("|---|---|---|---|---|---|---|---|")
     for source in sorted({q.source for q in world.train}):
         questions = [q for q in world.train if q.source == source][:own.questions]
         began = time.perf_counter()
-        row = probe(model, tokenizer, index, questions, args, template)
+        row = probe(model, tokenizer, index, questions, args, args.template)
         print(f"| {source} | {row['questions']} | {row['trajectories']} | {row['correct']:.2f} | "
               f"{row['2+ searches']:.2f} | {row['informative']:.2f} | {row['truncated']:.2f} | "
               f"{time.perf_counter() - began:.0f} |", flush=True)

@@ -240,20 +240,45 @@ def _extend(previous: TurnCache, active: list[int], sequences, pad_id) -> TurnCa
     return TurnCache(active, torch.cat([old_ids, new_ids], 1), torch.cat([old_mask, new_mask], 1), previous.cache)
 
 
+def sampler_config(max_new_tokens: int, greedy: bool, temperature: float, pad_id: int, eos_ids: set[int]):
+    """The sampler, built from scratch: softmax(logits / temperature) over the whole vocabulary (greedy: its
+    argmax), exactly the distribution dspo.token_logprobs scores. No top-k, top-p, min-p, typical-p,
+    repetition or n-gram penalty: any of them would make pi_old differ from the policy that sampled."""
+    neutral = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                   repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                   length_penalty=1.0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+                   forced_bos_token_id=None, forced_eos_token_id=None, min_length=0, min_new_tokens=None,
+                   num_beams=1, renormalize_logits=False)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else
+                            temperature, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
+                            return_dict_in_generate=True, **neutral)
+
+
 def _generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strings, eos_ids, pad_id, greedy,
                    temperature) -> tuple[list[tuple[list[int], bool]], TurnCache]:
     """One batched generate call that encodes what `state.cache` lacks of `state.input_ids`, then samples.
     Returns each row's new tokens cut at its stop and whether it stopped, and the state after it."""
     width = state.input_ids.shape[1]
     stopper = StopAtTags(tokenizer, stop_strings, eos_ids, width)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=pad_id,
-                              eos_token_id=sorted(eos_ids), return_dict_in_generate=True, **({} if greedy else
-                              {"temperature": temperature, "top_k": 0, "top_p": 1.0}))
+    config = sampler_config(max_new_tokens, greedy, temperature, pad_id, eos_ids)
     device = next(model.parameters()).device
     kwargs = {cache_keyword(model): state.cache} if state.cache is not None else {}
-    with torch.no_grad():
-        out = model.generate(input_ids=state.input_ids.to(device), attention_mask=state.attention_mask.to(device),
-                             generation_config=config, stopping_criteria=StoppingCriteriaList([stopper]), **kwargs)
+    # generate() fills every setting the config leaves unset from model.generation_config, which a checkpoint's
+    # generation_config.json sets (Qwen2.5-Instruct: repetition_penalty, top_k, top_p, temperature, do_sample):
+    # a blank one stands in for the call, so nothing is inherited. synced_gpus=False: the parameters are
+    # gathered, so ranks that run different numbers of turns and tokens must not wait for each other (the
+    # default under FSDP keeps every rank decoding until all ranks finish each call, which deadlocks).
+    shipped = getattr(model, "generation_config", None)
+    if shipped is not None:
+        model.generation_config = GenerationConfig()
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=state.input_ids.to(device), attention_mask=state.attention_mask.to(device),
+                                 generation_config=config, stopping_criteria=StoppingCriteriaList([stopper]),
+                                 synced_gpus=False, **kwargs)
+    finally:
+        if shipped is not None:
+            model.generation_config = shipped
     sequences = out.sequences.cpu()  # [A, T + L]
     new = sequences[:, width:]  # [A, L]
     stop_at = stopper.stop_at if stopper.stop_at is not None else torch.full((len(new),), -1)
@@ -292,7 +317,7 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
         if not active:
             break
         last_turn = turn == max_turns
-        stop_strings = [ANSWER_TAG] if last_turn else [SEARCH_TAG, ANSWER_TAG]
+        stop_strings = [SEARCH_TAG, ANSWER_TAG]  # on the last turn a search ends the episode unanswered
         budgets = [limits[i] - len(episodes[i].response_ids) for i in active]
         start = time.perf_counter()
         sequences = [episodes[i].prompt_ids + episodes[i].response_ids for i in active]

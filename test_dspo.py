@@ -12,6 +12,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 import urllib.error
 import urllib.request
@@ -186,7 +187,7 @@ class ScriptedPolicy(torch.nn.Module):
         self.tokenizer, self.turns = tokenizer, turns
         self.observations_in_prompt = prompt.count("<information>")
 
-    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria):  # returns no KV cache
+    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, synced_gpus):  # no KV cache
         eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         rows = []
         for row in input_ids.tolist():
@@ -259,12 +260,72 @@ def test_turn_budget_truncates_the_episode(world):
     assert episode.truncated and not episode.finished and len(episode.response_ids) == 10
 
 
-def test_the_last_turn_runs_no_search(world):
+def test_a_search_on_the_last_turn_ends_the_episode_unanswered(world):
     name = world.passages[3].split("\n")[0]
-    episode, _, _ = _scripted_episode(world, [f"<search> {name} </search>", f"<search> {name} </search><|im_end|>"],
-                                      max_turns=1, max_turn_tokens=64)
-    assert episode.valid_searches == 1 and episode.num_turns == 2 and episode.finished
-    assert extract_answer(episode.response_text) is None
+    turns = [f"<search> {name} </search>", f"<search> {name} </search> so <answer> Venmark </answer><|im_end|>"]
+    episode, _, _ = _scripted_episode(world, turns, max_turns=1, max_turn_tokens=64)
+    # The last turn stops at its </search>: the search does not run, and no text after it becomes an answer.
+    assert episode.valid_searches == 1 and episode.num_turns == 2 and episode.finished and not episode.truncated
+    assert episode.response_text.endswith(f"<search> {name} </search>") and extract_answer(episode.response_text) is None
+
+
+QWEN25_INSTRUCT_GENERATION = dict(do_sample=True, repetition_penalty=1.05, temperature=0.7, top_p=0.8, top_k=20)
+
+
+def _tiny_checkpoint(folder: Path, **config) -> Path:
+    """The tiny model saved like a hub checkpoint, with Qwen2.5-Instruct's generation_config.json."""
+    from transformers import GenerationConfig
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    model.generation_config = GenerationConfig(**QWEN25_INSTRUCT_GENERATION, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_sampler_is_the_distribution_token_logprobs_scores_despite_a_shipped_generation_config(world, tmp_path):
+    from models import load_model
+    model, tokenizer = load_model(str(_tiny_checkpoint(tmp_path / "qwen-like")))
+    assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
+    scores, generate = [], model.generate
+
+    def recording_generate(**kwargs):  # the scores generate() sampled each token from, after every processor
+        kwargs["generation_config"].output_scores = True
+        out = generate(**kwargs)
+        scores.append(torch.stack(out.scores, 1))  # [A, L, V]
+        return out
+
+    model.generate = recording_generate
+    index = BM25Index(world.passages)
+    prompts = [encode_prompt(tokenizer, q.question, "zero-shot") for q in world.test[:4]]
+    for greedy in (False, True):
+        scores.clear()
+        torch.manual_seed(1)
+        episodes, _ = rollout(model, tokenizer, index, prompts, list("abcd"), max_turns=0, max_turn_tokens=16,
+                              max_response_tokens=16, greedy=greedy, temperature=1.0)
+        input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+        scored = token_logprobs(model, input_ids, attention_mask, 1.0)  # [B, T-1]
+        sampler = torch.log_softmax(scores[0].float(), -1)  # [B, L, V]
+        for row, episode in enumerate(episodes):
+            start, tokens = len(episode.prompt_ids) - 1, torch.tensor(episode.response_ids)
+            assert len(tokens) >= 4
+            sampled = sampler[row, torch.arange(len(tokens)), tokens]
+            assert torch.allclose(sampled, scored[row, start:start + len(tokens)], atol=1e-4), (greedy, row)
+            if greedy:  # greedy means the argmax of the plain logits, not a sample from the shipped settings
+                assert torch.equal(sampler[row, :len(tokens)].argmax(-1), tokens)
+    assert model.generation_config.repetition_penalty == 1.05  # the model's own config is left as shipped
+
+
+def test_attention_dropout_is_off_in_every_attention_module_after_loading(tmp_path):
+    from models import load_model
+    model, _ = load_model(str(_tiny_checkpoint(tmp_path / "dropout", attention_dropout=0.5)))
+    assert all(m.attention_dropout == 0.0 for m in model.modules() if hasattr(m, "attention_dropout"))
+    model.train()  # gradient checkpointing runs the update in train mode
+    ids = torch.randint(0, 200, (2, 24))
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
 def test_rollout_with_a_real_model_scores_exactly_the_sampled_tokens(world):
@@ -506,6 +567,109 @@ def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path
     assert f"{qa}:2" in str(stop.value) and "golden_answers" in str(stop.value) and "\n" not in str(stop.value)
 
 
+SEARCH_R1_LINE = dict(group_size=5, topk=3, max_turns=4, max_turn_tokens=500, temperature=1.0, lr=1e-6,
+                      template="zero-shot")
+
+
+def test_presets_follow_the_model_size_and_the_number_of_processes():
+    laptop, one_gpu, many_gpus = parse_args([], 134_515_008), parse_args([], 7_615_616_512), \
+        parse_args([], 7_615_616_512, 8)
+    assert (laptop.preset, one_gpu.preset, many_gpus.preset) == ("laptop", "one GPU", "many GPUs")
+    assert (laptop.dtype, laptop.template, laptop.group_size, laptop.topk, laptop.temperature, laptop.lr) == \
+        ("float32", "few-shot", 4, 1, 0.5, 5e-6)
+    for args in (one_gpu, many_gpus):
+        assert {key: getattr(args, key) for key in SEARCH_R1_LINE} == SEARCH_R1_LINE and args.warmup > 0
+        assert args.grad_checkpointing and args.data == "synthetic"
+    assert (one_gpu.dtype, one_gpu.rounding, one_gpu.amp) == ("bfloat16", "stochastic", False)
+    assert (many_gpus.dtype, many_gpus.amp) == ("float32", True)
+
+
+def test_a_flag_overrides_its_preset_value_and_the_start_up_table_says_which_is_which():
+    from train import settings_table
+    args = parse_args(["--lr", "2e-6", "--no-grad-checkpointing"], 7_615_616_512)
+    assert args.lr == 2e-6 and args.grad_checkpointing is False and args.dtype == "bfloat16"
+    assert args.sources["lr"] == args.sources["grad_checkpointing"] == "flag" and args.sources["dtype"] == "preset"
+    assert args.sources["seed"] == "default"
+    table = settings_table(args, 7_615_616_512, 1)
+    assert table.startswith("preset one GPU (a model of 7.62B parameters, 1 process)")
+    cells = {cell.split()[0]: cell.split()[1:] for line in table.splitlines()[1:] for cell in line.split(" | ")}
+    assert cells["lr"] == ["2e-06", "flag"] and cells["group-size"] == ["5", "preset"] and \
+        cells["seed"] == ["0", "default"]
+    assert set(cells) == {name.replace("_", "-") for name in args.sources}  # every setting is shown
+
+
+def test_help_shows_each_preset_and_where_its_values_come_from(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "Search-R1" in text and "laptop" in text and "one GPU" in text and "many GPUs" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("--group-size ") and "4" in line)
+    assert row.split()[1:] == ["4", "5", "5"]
+
+
+GIB = 2 ** 30
+
+
+@pytest.mark.parametrize("argv, processes, available, advice", [
+    (["--dtype", "float32"], 1, 24 * GIB, "even bf16 with stochastic rounding needs 57 GiB"),  # 7B fp32 on a laptop
+    (["--dtype", "float32", "--no-amp"], 1, 80 * GIB, "pass --dtype bfloat16 --rounding stochastic"),  # one 80 GB GPU
+    ([], 2, 24 * GIB, "shard it over more GPUs"),  # fp32 master weights over two 24 GB GPUs
+])
+def test_a_configuration_that_cannot_fit_stops_in_one_line(argv, processes, available, advice):
+    from train import check_fit
+    args = parse_args(argv + ["--model", "Qwen2.5-7B"], 7_615_616_512, processes)
+    with pytest.raises(SystemExit) as stop:
+        check_fit(args, 7_615_616_512, processes, available)
+    message = str(stop.value)
+    assert message.startswith("error: --model Qwen2.5-7B (7.6B parameters") and advice in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("processes, available", [(1, 80 * GIB), (8, 80 * GIB)])
+def test_the_gpu_presets_fit_a_7b_on_80_gb_cards(processes, available):
+    from train import check_fit, state_bytes
+    args = parse_args([], 7_615_616_512, processes)
+    check_fit(args, 7_615_616_512, processes, available)  # returns: it fits
+    assert state_bytes(7_615_616_512, args.dtype, args.amp, args.rounding, processes) / GIB == \
+        pytest.approx(56.7 if processes == 1 else 28.4, abs=0.1)
+
+
+def test_the_7b_command_prints_its_preset_and_stops_before_loading_weights_when_it_cannot_fit(monkeypatch, capsys):
+    import train
+    monkeypatch.setattr(train, "device_bytes", lambda device, processes: 24 * GIB)
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "random:Qwen2.5-7B"])
+    assert "needs about 57 GiB" in str(stop.value) and "bfloat16 + stochastic rounding" in str(stop.value)
+    printed = capsys.readouterr()
+    assert "preset one GPU (a model of 7.62B parameters" in printed.out + printed.err
+
+
+@pytest.mark.parametrize("environment", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "https://hub.invalid"}])
+def test_an_uncached_hub_model_without_network_is_one_line_naming_it(tmp_path, environment):
+    import os
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    env.update(environment, HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([sys.executable, "train.py", "--model", "Qwen2.5-7B", "--out", str(tmp_path / "run")],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --model Qwen2.5-7B: Qwen/Qwen2.5-7B is neither a local folder nor in the "
+                           "Hugging Face cache") and "local copy" in last
+
+
+@pytest.mark.parametrize("flag, value", [("--group-size", "1"), ("--topk", "0"), ("--temperature", "0"),
+                                         ("--temperature", "-1"), ("--lr", "nan"), ("--lr", "-1"),
+                                         ("--max-turn-tokens", "0"), ("--save-every", "0"), ("--steps", "-1"),
+                                         ("--eval-size", "-5"), ("--clip-low", "2"), ("--max-turns", "-1")])
+def test_a_meaningless_flag_value_stops_in_one_line_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args([flag, value])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in error and value in error
+
+
 def test_default_model_converts_from_the_packaged_gguf_once(tmp_path, monkeypatch):
     import time
     import models
@@ -650,6 +814,29 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
     assert 1 <= done < 1000
     state = torch.load(tmp_path / f"checkpoint-{done:06d}" / "trainer_state.pt", weights_only=True)
     assert state["step"] == done and "stopped by signal" in output
+
+
+def test_a_second_sigterm_stops_the_run_at_once_keeping_the_last_checkpoint(tmp_path):
+    import signal
+    script = tmp_path / "slow.py"  # each reward takes 0.5 s, so a step takes far longer than the test waits
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport evaluate, train\n"
+                      "def slow(response, answers):\n    time.sleep(0.5)\n    return 0.0\n"
+                      "evaluate.score_response = slow\ntrain.run(sys.argv[1:])\n")
+    command = [sys.executable, str(script), *TINY_RUN, "--no-filter", "--steps", "100", "--eval-every", "0",
+               "--batch-prompts", "8", "--out", str(tmp_path / "run")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(1.5)  # a second signal within a second counts as the same request
+    process.send_signal(signal.SIGTERM)
+    sent = time.time()
+    _, errors = process.communicate(timeout=60)
+    assert time.time() - sent < 3 and process.returncode == 128 + signal.SIGTERM, errors[-2000:]
+    assert "SIGTERM: stopping after the current step" in errors and "SIGTERM again: stopping now" in errors
+    assert len(_records(log)) == 1  # the step in progress was not logged, nothing else was lost
 
 
 def test_dspo_raises_mean_reward_on_a_small_problem():
@@ -1279,6 +1466,13 @@ HOTPOT_TRAIN = FIXTURES / "hotpotqa" / "hotpot_train_v1.1.json"
 HOTPOT_DEV = FIXTURES / "hotpotqa" / "hotpot_dev_distractor_v1.json"
 
 
+def gzip_copy(source: Path, target: Path) -> Path:
+    """`target`, written as `source`'s bytes gzip-compressed (its folders made)."""
+    import gzip  # only these tests write gzip files
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(gzip.compress(Path(source).read_bytes()))
+    return target
 
 
 @pytest.fixture
@@ -1300,12 +1494,16 @@ def offline_hotpotqa(monkeypatch):
 @pytest.fixture
 def offline_hub(monkeypatch):
     """hf_hub_download copies fixtures/flashrag/<dataset>/<split>.jsonl into local_dir, as the hub lays it
-    out; a file the fixtures lack fails as the offline hub does. The file names asked for are kept."""
+    out, and for wiki-18 writes fixtures/wiki18.jsonl gzipped; a file the fixtures lack fails as the
+    offline hub does. The file names asked for are kept."""
     asked = []
 
     def copy_fixture(repo_id, filename, *, repo_type, local_dir):
-        assert (repo_id, repo_type) == ("RUC-NLPIR/FlashRAG_datasets", "dataset")
+        assert repo_type == "dataset"
         asked.append(filename)
+        if (repo_id, filename) == ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz"):
+            return str(gzip_copy(FIXTURES / "wiki18.jsonl", Path(local_dir) / filename))
+        assert repo_id == "RUC-NLPIR/FlashRAG_datasets", repo_id
         source = FIXTURES / "flashrag" / filename
         if not source.exists():
             raise LocalEntryNotFoundError(f"An error happened while trying to locate the file on the Hub\n"
@@ -1532,15 +1730,67 @@ def test_flashrag_file_in_the_cache_is_used_without_the_hub(tmp_path, offline_hu
 
 def test_flashrag_download_failure_names_the_file_and_where_to_put_it(tmp_path, offline_hub):
     with pytest.raises(DataError) as excinfo:
-        flashrag_file("musique", "dev", tmp_path)  # not among the fixtures: fails as offline
+        flashrag_file("musique", "train", tmp_path)  # not among the fixtures: fails as offline
     assert str(excinfo.value) == (
-        "cannot download musique/dev.jsonl from the Hugging Face dataset RUC-NLPIR/FlashRAG_datasets "
-        f"(LocalEntryNotFoundError); download it by hand to {tmp_path / 'flashrag' / 'musique' / 'dev.jsonl'}")
+        "cannot download musique/train.jsonl from the Hugging Face dataset RUC-NLPIR/FlashRAG_datasets "
+        f"(LocalEntryNotFoundError); download it by hand to {tmp_path / 'flashrag' / 'musique' / 'train.jsonl'}")
+
+
+SEARCH_R1_FILES = ["nq/train.jsonl", "hotpotqa/train.jsonl", "nq/test.jsonl", "triviaqa/test.jsonl",
+                   "popqa/test.jsonl", "hotpotqa/dev.jsonl", "2wikimultihopqa/dev.jsonl", "musique/dev.jsonl",
+                   "bamboogle/test.jsonl", "wiki-18.jsonl.gz"]
+
+
+def test_search_r1_reads_the_train_mix_all_seven_eval_sets_and_wiki18_then_uses_the_cache(tmp_path, offline_hub):
+    train, evaluation, passages = data.load_search_r1(tmp_path)
+    assert offline_hub == SEARCH_R1_FILES
+    assert [(e.id, e.source) for e in train] == [("train_0", "nq"), ("train_1", "nq"), ("train_2", "nq"),
+                                                 ("train_0", "hotpotqa")]
+    assert [e.source for e in evaluation] == ["nq", "nq", "triviaqa", "popqa", "hotpotqa", "hotpotqa",
+                                              "2wikimultihopqa", "musique", "bamboogle", "bamboogle"]
+    assert evaluation[2] == QAExample("test_0", "In which year was the Norcaster Philharmonic orchestra founded?",
+                                      ["1902"], "triviaqa")
+    assert passages == load_corpus_jsonl(FIXTURES / "wiki18.jsonl") and len(passages) == 13
+    assert data.wiki18_file(tmp_path) == tmp_path / "wiki-18" / "wiki-18.jsonl.gz"
+    offline_hub.clear()
+    assert data.load_search_r1(tmp_path) == (train, evaluation, passages)
+    assert offline_hub == []  # every file came from the cache
+
+
+def test_search_r1_eval_only_skips_the_train_files_and_a_corpus_path_replaces_wiki18(tmp_path, offline_hub):
+    plain = write_lines(tmp_path / "mini.jsonl", [json.dumps({"title": "Paris", "text": "Paris is a city."})])
+    own = gzip_copy(plain, tmp_path / "mini.jsonl.gz")
+    train, evaluation, passages = data.load_search_r1(tmp_path / "cache", eval_only=True, corpus=own)
+    assert train == [] and len(evaluation) == 10
+    assert passages == ["Paris\nParis is a city."]
+    assert offline_hub == SEARCH_R1_FILES[2:-1]  # the eval files only
+    assert not (tmp_path / "cache" / "wiki-18").exists()
+
+
+@pytest.mark.parametrize("failure", ["offline", "connection lost mid-file"])
+def test_wiki18_download_failure_names_the_file_and_where_to_put_it(tmp_path, monkeypatch, failure):
+    httpx2 = pytest.importorskip("httpx2")  # the HTTP client huggingface_hub 2.x streams files with
+    error = {"offline": LocalEntryNotFoundError("cannot reach the Hub"),
+             "connection lost mid-file": httpx2.RemoteProtocolError("peer closed connection")}[failure]
+
+    def fail(repo_id, filename, *, repo_type, local_dir):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+    with pytest.raises(DataError) as excinfo:
+        data.wiki18_file(tmp_path)
+    assert str(excinfo.value) == (
+        f"cannot download wiki-18.jsonl.gz from the Hugging Face dataset PeterJinGo/wiki-18-corpus "
+        f"({type(error).__name__}); download it by hand to {tmp_path / 'wiki-18' / 'wiki-18.jsonl.gz'}")
 
 
 # --- Corpus ----------------------------------------------------------------------------------------
 
-def test_corpus_progress_bar_counts_every_byte_and_changes_no_passage(monkeypatch):
+@pytest.mark.parametrize("compressed", [False, True])
+def test_corpus_progress_bar_counts_every_byte_of_the_file_and_changes_no_passage(tmp_path, monkeypatch,
+                                                                                  compressed):
+    path = gzip_copy(FIXTURES / "wiki18.jsonl", tmp_path / "wiki18.jsonl.gz") if compressed else (
+        FIXTURES / "wiki18.jsonl")
     bars = []
 
     class RecordingBar:
@@ -1557,13 +1807,13 @@ def test_corpus_progress_bar_counts_every_byte_and_changes_no_passage(monkeypatc
         def __exit__(self, *exc):
             return False
 
-    passages = load_corpus_jsonl(FIXTURES / "wiki18.jsonl")  # under a real tqdm bar
+    passages = load_corpus_jsonl(path)  # under a real tqdm bar
     monkeypatch.setattr(data, "PROGRESS_STEP", 100)  # several updates even on a small file
     monkeypatch.setattr(data, "tqdm", RecordingBar)
-    assert load_corpus_jsonl(FIXTURES / "wiki18.jsonl") == passages
-    size = (FIXTURES / "wiki18.jsonl").stat().st_size
+    assert load_corpus_jsonl(path) == passages
+    size = path.stat().st_size  # of a .gz, the compressed bytes
     assert [(bar.kwargs["total"], bar.done, bar.kwargs["desc"]) for bar in bars] == [
-        (size, size, "reading wiki18.jsonl")]
+        (size, size, f"reading {path.name}")]
     assert len(passages) == 13 and passages[0].startswith("Gull at Dawn\nGull at Dawn is an 1891 oil painting")
 
 
@@ -1572,10 +1822,62 @@ def test_fixture_corpus_holds_a_gold_passage_for_every_fixture_question(tmp_path
     index = BM25Index(passages)
     questions = [example for path in sorted((FIXTURES / "flashrag").glob("*/*.jsonl"))
                  for example in load_qa_spec(str(path), "eval", tmp_path)]
-    assert len(questions) == 12
+    assert len(questions) == 15
     for example, hits in zip(questions, index.search([q.question for q in questions], 3)):
         found = [passages[doc] for doc, _ in hits]
         assert any(answer.lower() in text.lower() for answer in example.answers for text in found), example
+
+
+def test_gzip_corpus_gives_exactly_the_passages_of_the_plain_file(tmp_path):
+    plain = FIXTURES / "wiki18.jsonl"
+    assert load_corpus_jsonl(gzip_copy(plain, tmp_path / "wiki-18.jsonl.gz")) == load_corpus_jsonl(plain)
+
+
+def test_every_truncation_of_a_gzip_corpus_stops_with_one_line_saying_to_download_again(tmp_path):
+    whole = gzip_copy(FIXTURES / "wiki18.jsonl", tmp_path / "whole.jsonl.gz").read_bytes()
+    path = tmp_path / "wiki-18.jsonl.gz"
+    for cut in range(1, len(whole)):  # every partial download, down to one byte
+        path.write_bytes(whole[:cut])
+        with pytest.raises(DataError) as excinfo:
+            load_corpus_jsonl(path)
+        message = str(excinfo.value)
+        assert message.startswith(f"{path}: incomplete or corrupt gzip file (") and "\n" not in message, cut
+        assert message.endswith("); delete it and download it again"), cut
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "not gzip"])
+def test_a_corrupt_gzip_corpus_stops_with_one_line_naming_the_file(tmp_path, damage):
+    body = bytearray(gzip_copy(FIXTURES / "wiki18.jsonl", tmp_path / "whole.jsonl.gz").read_bytes())
+    if damage == "flipped bytes":
+        middle = slice(len(body) // 2, len(body) // 2 + 8)
+        body[middle] = bytes(byte ^ 0xFF for byte in body[middle])
+    else:
+        body = (FIXTURES / "wiki18.jsonl").read_bytes()  # plain JSONL under a .gz name
+    path = tmp_path / "wiki-18.jsonl.gz"
+    path.write_bytes(bytes(body))
+    with pytest.raises(DataError) as excinfo:
+        load_corpus_jsonl(path)
+    assert_one_line_error(excinfo, f"{path}: incomplete or corrupt gzip file (")
+    assert str(excinfo.value).endswith("delete it and download it again")
+
+
+@pytest.mark.parametrize("bad_line, what", [(b'{"id": "1", "contents": "x"', "not valid JSON"),
+                                            (b'{"id": "1", "body": "x"}', "expected string field"),
+                                            (b'{"title": "caf\xe9", "text": "t"}', "not UTF-8 text")])
+def test_a_bad_line_inside_a_gzip_corpus_names_path_and_line(tmp_path, bad_line, what):
+    plain = tmp_path / "corpus.jsonl"
+    plain.write_bytes(b'{"title": "T", "text": "t"}\n\n' + bad_line + b"\n")
+    path = gzip_copy(plain, tmp_path / "corpus.jsonl.gz")
+    with pytest.raises(DataError) as excinfo:
+        load_corpus_jsonl(path)
+    assert_one_line_error(excinfo, f"{path}:3: {what}")
+
+
+def test_an_empty_gzip_corpus_is_an_empty_corpus(tmp_path):
+    path = gzip_copy(write_lines(tmp_path / "empty.jsonl", []), tmp_path / "empty.jsonl.gz")
+    with pytest.raises(DataError) as excinfo:
+        load_corpus_jsonl(path)
+    assert str(excinfo.value) == f"{path}: empty corpus"
 
 
 # --- BM25 index memory estimate --------------------------------------------------------------------
@@ -1800,26 +2102,42 @@ def test_only_plot_py_imports_matplotlib_and_only_when_drawing():
 # ---------------------------------------------------------------------------------------------
 # Many processes: torchrun + FSDP2 on CPU (gloo)
 
+# The defaults that matter under torchrun: the filter with its refill rounds, and evaluation. Small sizes only.
 DISTRIBUTED_RUN = ["--model", "tiny", "--template", "zero-shot", "--batch-prompts", "2", "--group-size", "2",
-                   "--max-turn-tokens", "6", "--max-response-tokens", "24", "--eval-every", "0", "--no-filter",
+                   "--max-turn-tokens", "6", "--max-response-tokens", "24", "--eval-every", "2", "--eval-size", "4",
                    "--lr", "1e-2", "--rollout-batch", "2", "--mini-batches", "2", "--micro-batch", "1",
                    "--device", "cpu", "--steps", "3"]
 
 
-def _torchrun(processes: int, script: Path, argv: list[str]) -> None:
+def _torchrun(processes: int, script: Path, argv: list[str], timeout: int = 600):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                str(script), *argv]
-    done = subprocess.run(command, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun_ok(processes: int, script: Path, argv: list[str]) -> None:
+    done = _torchrun(processes, script, argv)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 @pytest.fixture
 def length_reward_script(tmp_path) -> Path:
-    """train.py under a reward from the text's length, so the random tiny model gets real gradients."""
+    """train.py under a reward from the text's length, so the random tiny model gets real gradients, and
+    reward 0 for every trajectory of step 0 (counted across a resume), so that step's groups are all filtered
+    out, in every round."""
     script = tmp_path / "run.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport evaluate, train\n"
-                      "evaluate.score_response = lambda response, answers: float(len(response) % 2)\n"
-                      "train.main(sys.argv[1:])\n")
+                      "steps = []\nfill_batch = train.fill_batch\n"
+                      "def counted_fill_batch(*args, **kwargs):\n"
+                      "    result = fill_batch(*args, **kwargs)\n    steps.append(1)\n    return result\n"
+                      "train.fill_batch = counted_fill_batch\n"
+                      "resume_state = train.resume_state\n"
+                      "def counted_resume_state(*args):\n"
+                      "    start, data_state = resume_state(*args)\n    steps.extend([1] * start)\n"
+                      "    return start, data_state\n"
+                      "train.resume_state = counted_resume_state\n"
+                      "evaluate.score_response = lambda response, answers: float(len(response) % 2) if steps else 0.0\n"
+                      "train.run(sys.argv[1:])\n")
     return script
 
 
@@ -1828,13 +2146,13 @@ def _weights(run: Path, step: int) -> dict:
     return load_file(run / f"checkpoint-{step:06d}" / "model.safetensors")
 
 
-def test_two_fsdp2_processes_train_like_one(tmp_path, length_reward_script):
-    """Each rank rolls out half the groups and trains on half of each mini-batch; the weights, rewards and
-    losses after 3 steps equal a 1-process run on the same data (each chunk of --rollout-batch is seeded
-    by its group id, so both runs sample the same tokens)."""
+def test_two_fsdp2_processes_train_like_one_with_the_filter_and_evaluation_on(tmp_path, length_reward_script):
+    """Each rank rolls out half the groups of every refill round and trains on half of each mini-batch; the
+    weights, rewards and losses after 3 steps equal a 1-process run on the same data (each chunk of
+    --rollout-batch is seeded by its group id, so both runs sample the same tokens)."""
     from transformers import AutoModelForCausalLM
-    _torchrun(1, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "one")])
-    _torchrun(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "two")])
+    _torchrun_ok(1, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "one")])
+    _torchrun_ok(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "two")])
     one, two = _weights(tmp_path / "one", 3), _weights(tmp_path / "two", 3)
     torch.manual_seed(0)
     start = tiny_model()[0].state_dict()
@@ -1842,19 +2160,51 @@ def test_two_fsdp2_processes_train_like_one(tmp_path, length_reward_script):
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
     assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-2  # the weights did move
     records = [_records(tmp_path / run / "metrics.jsonl") for run in ("one", "two")]
-    assert [r["reward"] for r in records[0]] == [r["reward"] for r in records[1]]
-    assert [r["loss"] for r in records[0]] == pytest.approx([r["loss"] for r in records[1]], abs=1e-5)
-    assert any(r["loss"] != 0 for r in records[0])
+    steps = records[1]
+    # Step 0: every group of every round filtered; later: some groups kept, some refilled; evaluation ran.
+    assert steps[0]["skipped"] == 1 and steps[0]["num_gen_batches"] == 3 and steps[0]["frac_reward_zero_std"] == 1
+    assert any(0 < r.get("frac_reward_zero_std", 0) < 1 and r["trained_trajectories"] > 0 for r in steps[1:3])
+    assert [r["step"] for r in steps if "val/em" in r] == [0, 2, 3]
+    assert [r.get("reward") for r in records[0]] == [r.get("reward") for r in steps]
+    assert [r.get("num_gen_batches") for r in records[0]] == [r.get("num_gen_batches") for r in steps]
+    assert [r.get("loss", 0) for r in records[0]] == pytest.approx([r.get("loss", 0) for r in steps], abs=1e-5)
+    assert any(r.get("loss", 0) != 0 for r in steps)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "checkpoint-000003")
     assert type(reloaded).__name__ == "Qwen2ForCausalLM"  # not FSDP2's renamed class
 
 
+def test_the_readme_torchrun_command_completes_with_the_defaults(tmp_path):
+    """The user's command exactly (only --out added): the filter with refill rounds, evaluation, 2 steps."""
+    done = _torchrun(2, Path("train.py"), ["--model", "tiny", "--steps", "2", "--out", str(tmp_path)], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = _records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2] and records[0]["num_gen_batches"] == 3
+    assert (tmp_path / "checkpoint-000002" / "trainer_state.pt").exists()
+
+
+def test_a_collective_that_waits_past_the_timeout_stops_the_run_naming_the_rank(tmp_path):
+    script = tmp_path / "stuck.py"  # rank 1 never reaches the first round's exchange of episodes
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport train\n"
+                      "fill_batch = train.fill_batch\n"
+                      "def stuck(*args, **kwargs):\n"
+                      "    if train.world()[0] == 1:\n        time.sleep(300)\n"
+                      "    return fill_batch(*args, **kwargs)\n"
+                      "train.fill_batch = stuck\n"
+                      "train.run(sys.argv[1:])\n")
+    began = time.time()
+    done = _torchrun(2, script, ["--model", "tiny", "--steps", "1", "--eval-every", "0", "--dist-timeout", "0.1",
+                                 "--out", str(tmp_path / "run")], timeout=200)
+    assert done.returncode != 0 and time.time() - began < 150
+    line = next(line for line in done.stderr.splitlines() if line.startswith("error: rank 0 of 2"))
+    assert "a collective failed (Timed out" in line and "--dist-timeout" in line
+
+
 def test_fsdp2_resume_continues_exactly(tmp_path, length_reward_script):
     steps = DISTRIBUTED_RUN.index("--steps") + 1
-    _torchrun(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "straight")])
+    _torchrun_ok(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "straight")])
     two_steps = DISTRIBUTED_RUN[:steps] + ["2"] + DISTRIBUTED_RUN[steps + 1:]
-    _torchrun(2, length_reward_script, two_steps + ["--out", str(tmp_path / "split")])
-    _torchrun(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "split"), "--resume"])
+    _torchrun_ok(2, length_reward_script, two_steps + ["--out", str(tmp_path / "split")])
+    _torchrun_ok(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "split"), "--resume"])
     straight, resumed = _weights(tmp_path / "straight", 3), _weights(tmp_path / "split", 3)
     assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
 

@@ -19,11 +19,13 @@ rate after an optional linear warm-up, and a full-parameter AdamW update (models
 weights keep small updates).
 """
 import argparse
+import datetime
 import itertools
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -34,100 +36,219 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpoints import find_checkpoint, resume_state, save_checkpoint, stop_on_signals
-from data import DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, load_corpus_jsonl, load_hotpotqa, load_qa_spec
+from data import (DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, load_corpus_jsonl, load_hotpotqa, load_qa_spec,
+                  load_search_r1)
 from dspo import dspo_loss, fill_batch, grpo_loss, group_advantages, token_logprobs
 from evaluate import METHOD_LABELS, evaluate, evaluate_method, generate_episodes, write_eval_report
-from models import DEFAULT_MODEL, all_reduce, checkpoint_activations, gathered, load_model, make_optimizer, shard, world
+from models import (DEFAULT_MODEL, all_reduce, checkpoint_activations, gathered, load_model, make_optimizer,
+                    parameter_count, shard, world)
 from rollout import EXAMPLE_NAMES, collate, shared_prefix_length
 from search import BM25Index, estimate_index_bytes
 from world import synthetic_world
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+# Settings that depend on the model's size and the hardware. A flag given on the command line wins over
+# the preset; the run prints every value and where it came from. Sources of the values:
+# - laptop: SmolLM2-135M on the synthetic world, chosen by the demo runs in results/ (a 135M model reads one
+#   passage as well as two and writes noise at temperature 1, so: top-1, short turns, T 0.5, few-shot).
+# - the GPU presets: Search-R1's NQ + HotpotQA recipe (group of 5, top-3 passages, up to 4 searches, 500
+#   tokens a turn, a 4,096-token context, temperature 1, lr 1e-6 warmed up over 28.5% of the optimizer
+#   steps, 2 mini-batches a batch, a zero-shot instruction). Precision: on one GPU, bf16 weights with
+#   stochastic rounding, 8 bytes a parameter, is what fits a 7B's update in 80 GB (results/); sharded over
+#   several GPUs, fp32 master weights with bf16 compute, exact, 16 bytes a parameter divided among them.
+PRESETS = {
+    "laptop": dict(dtype="float32", amp=False, rounding="kahan", grad_checkpointing=False, template="few-shot",
+                   batch_prompts=4, group_size=4, max_turns=2, topk=1, max_turn_tokens=24,
+                   max_response_tokens=320, temperature=0.5, rollout_batch=64, steps=10, lr=5e-6, warmup=0,
+                   micro_batch=8, micro_batch_tokens=0, eval_every=5, eval_size=32, save_every=10),
+    "one GPU": dict(dtype="bfloat16", amp=False, rounding="stochastic", grad_checkpointing=True,
+                    template="zero-shot", batch_prompts=64, group_size=5, max_turns=4, topk=3, max_turn_tokens=500,
+                    max_response_tokens=4096, temperature=1.0, rollout_batch=64, steps=500, lr=1e-6, warmup=285,
+                    micro_batch=8, micro_batch_tokens=4096, eval_every=50, eval_size=500, save_every=50),
+    "many GPUs": dict(dtype="float32", amp=True, rounding="kahan", grad_checkpointing=True, template="zero-shot",
+                      batch_prompts=256, group_size=5, max_turns=4, topk=3, max_turn_tokens=500,
+                      max_response_tokens=4096, temperature=1.0, rollout_batch=160, steps=500, lr=1e-6, warmup=285,
+                      micro_batch=8, micro_batch_tokens=8192, eval_every=50, eval_size=500, save_every=50),
+}
+
+
+def pick_preset(parameters: int, processes: int) -> str:
+    """laptop below 1B parameters (whatever the device); above, one GPU or many by the process count."""
+    if parameters < 1e9:
+        return "laptop"
+    return "one GPU" if processes == 1 else "many GPUs"
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    """An argparse type: a finite `kind` within [low, high] ((low, high] with low_open), else a one-line error."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and value > high):
+            bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {text}")
+        return value
+    return parse
+
+
+def parse_args(argv=None, parameters: int = 0, processes: int = 1):
+    """The flags; every setting of PRESETS that no flag gave comes from the preset for a model of `parameters`
+    on `processes` processes. args.preset names it; args.sources[name] is "flag", "preset" or "default"."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=preset_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    count, positive, share = _number(int, 1), _number(float, 0, low_open=True), _number(float, 0, 1, low_open=True)
+    preset = "(default: from the preset)"
     # model
     p.add_argument("--model", default=DEFAULT_MODEL, help="SmolLM2-135M-Instruct (embedded), a short name like "
                    "Qwen2.5-7B(-Instruct), any hub id or local path, or 'tiny' (random, for tests)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weight dtype; bfloat16 weights are trained by BF16AdamW so small updates are not lost")
-    p.add_argument("--amp", action="store_true", help="bf16 compute over float32 master weights (GPU)")
-    p.add_argument("--rounding", default="kahan", choices=["kahan", "stochastic"],
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help=f"weight dtype; bfloat16 weights are trained by BF16AdamW so small updates are not lost {preset}")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help=f"bf16 compute over float32 master weights {preset}")
+    p.add_argument("--rounding", choices=["kahan", "stochastic"],
                    help="how BF16AdamW keeps sub-rounding updates: a bf16 compensation buffer (about 16 significant "
-                   "bits, +2 bytes a parameter) or unbiased random rounding (8 bytes a parameter in all)")
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute each layer's activations in the backward pass: less memory, ~30%% more compute")
+                   f"bits, +2 bytes a parameter) or unbiased random rounding (8 bytes a parameter in all) {preset}")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help=f"recompute each layer's activations in the backward pass: less memory, more compute {preset}")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run Python code shipped with a hub model (off: weights and configs only)")
-    p.add_argument("--template", default="auto", choices=["auto", "few-shot", "zero-shot"],
-                   help="prompt: two worked episodes in the chat (small models) or an instruction (7B); "
-                   "auto picks few-shot for models under 1B parameters")
+    p.add_argument("--template", choices=["few-shot", "zero-shot"],
+                   help=f"prompt: two worked episodes in the chat (small models ignore a bare instruction) or a "
+                   f"Search-R1-style instruction {preset}")
+    p.add_argument("--dist-timeout", type=positive, default=30,
+                   help="minutes a collective may wait under torchrun before the run stops with an error naming "
+                   "the rank (rank 0 writing a large checkpoint is the longest wait)")
     # data
     p.add_argument("--data", default="synthetic",
-                   help="'synthetic'; 'hotpotqa' (official distractor files, their paragraphs the corpus); or a "
-                   "comma-separated mix of FlashRAG names (nq, triviaqa, hotpotqa, 2wikimultihopqa, musique, ...) "
-                   "and QA JSONL paths, with --corpus. Downloads are cached in $DSPO_CACHE (~/.cache/dspo)")
+                   help="'synthetic' (the world of world.py, no downloads); 'search-r1' (NQ + HotpotQA train, the "
+                   "seven evaluation sets and the wiki-18 corpus, downloaded once); 'hotpotqa' (official distractor "
+                   "files, their paragraphs the corpus); or a comma-separated mix of FlashRAG names (nq, triviaqa, "
+                   "hotpotqa, 2wikimultihopqa, musique, ...) and QA JSONL paths, with --corpus. Downloads are "
+                   "cached in $DSPO_CACHE (~/.cache/dspo)")
     p.add_argument("--eval-data", default=None,
                    help="FlashRAG names / QA paths to evaluate on (default: the test or dev split of --data)")
-    p.add_argument("--corpus", default=None, help="corpus JSONL (wiki-18 or title/text shape); needed with QA files")
+    p.add_argument("--corpus", default=None, help="corpus JSONL or JSONL.gz (wiki-18 or title/text shape); needed "
+                   "with QA files; with --data search-r1 a local copy of wiki-18 instead of the download")
     p.add_argument("--seed", type=int, default=0, help="seeds the world, the question order and sampling")
     # rollout
-    p.add_argument("--batch-prompts", type=int, default=4, help="B: informative groups per step")
-    p.add_argument("--group-size", type=int, default=4, help="G: trajectories per question")
-    p.add_argument("--max-turns", type=int, default=2, help="searches allowed before the last answer-only turn")
-    p.add_argument("--topk", type=int, default=1, help="passages returned per search (1: a 135M model reads one "
-                   "passage as well as two, and a rollout is 30%% faster)")
-    p.add_argument("--max-turn-tokens", type=int, default=24, help="tokens the model may write per turn")
-    p.add_argument("--max-response-tokens", type=int, default=320, help="tokens per trajectory after the prompt")
-    p.add_argument("--temperature", type=float, default=0.5, help="sampling temperature (log-probs use the same); "
-                   "at 1.0 SmolLM2-135M's tail writes noise: 0 of 32 right and 69%% truncated, 2 of 32 and 6%% at 0.5")
-    p.add_argument("--rollout-batch", type=int, default=64, help="trajectories generated together")
-    p.add_argument("--max-gen-rounds", type=int, default=3, help="cap on generation rounds to refill filtered groups")
+    p.add_argument("--batch-prompts", type=count, help=f"B: informative groups per step {preset}")
+    p.add_argument("--group-size", type=_number(int, 2), help="G: trajectories per question (at least 2: a group "
+                   f"of one never has differing rewards, so the filter would drop every group) {preset}")
+    p.add_argument("--max-turns", type=_number(int, 0), help=f"searches allowed before the last answer-only turn {preset}")
+    p.add_argument("--topk", type=count, help=f"passages returned per search {preset}")
+    p.add_argument("--max-turn-tokens", type=count, help=f"tokens the model may write per turn {preset}")
+    p.add_argument("--max-response-tokens", type=count, help=f"tokens per trajectory after the prompt {preset}")
+    p.add_argument("--temperature", type=positive,
+                   help=f"sampling temperature; log-probs are taken at the same temperature {preset}")
+    p.add_argument("--rollout-batch", type=count, help=f"trajectories generated together {preset}")
+    p.add_argument("--max-gen-rounds", type=count, default=3, help="cap on generation rounds to refill filtered groups")
     # optimisation
-    p.add_argument("--steps", type=int, default=10, help="training steps (10: the laptop demo, 13 minutes with its "
-                   "evaluations on 2 CPU cores as measured in README)")
-    p.add_argument("--max-minutes", type=float, default=0,
+    p.add_argument("--steps", type=_number(int, 0), help=f"training steps {preset}")
+    p.add_argument("--max-minutes", type=_number(float, 0), default=0,
                    help="wall-clock budget of this process's training loop (evaluations included): after the step "
                    "that crosses it, evaluate, save and stop (0: no budget; equal-time comparisons)")
-    p.add_argument("--lr", type=float, default=5e-6, help="AdamW learning rate (5e-6: SmolLM2-135M's held-out EM rises "
-                   "within 8 steps; at 1e-5 its training reward fell to 0.04 by step 6; about 1e-6 for 7B models)")
+    p.add_argument("--lr", type=positive, help=f"AdamW learning rate {preset}")
     p.add_argument("--loss", default="dspo", choices=["dspo", "grpo"], help="sequence-level DSPO or token-level GRPO")
     p.add_argument("--no-filter", action="store_true", help="keep zero-variance groups (ablation)")
-    p.add_argument("--clip-low", type=float, default=3e-4, help="DSPO: s_i is clipped below at 1 - clip_low")
-    p.add_argument("--clip-high", type=float, default=4e-4, help="DSPO: s_i is clipped above at 1 + clip_high")
-    p.add_argument("--grpo-clip", type=float, default=0.2, help="GRPO: per-token ratio clip")
-    p.add_argument("--mini-batches", type=int, default=2, help="optimizer steps per batch of rollouts (the second is "
-                   "off-policy, where the clip acts; at eps 4e-4 later ones are mostly clipped)")
-    p.add_argument("--micro-batch", type=int, default=8, help="trajectories per forward/backward; each pass also "
-                   "encodes the shared prompt prefix once, so larger is faster while memory lasts")
-    p.add_argument("--micro-batch-tokens", type=int, default=0,
-                   help="also cap a micro-batch's padded tokens (rows x longest); 0: no cap")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--warmup", type=int, default=0, help="optimizer steps of linear learning-rate warm-up")
+    p.add_argument("--clip-low", type=share, default=3e-4, help="DSPO: s_i is clipped below at 1 - clip_low")
+    p.add_argument("--clip-high", type=positive, default=4e-4, help="DSPO: s_i is clipped above at 1 + clip_high")
+    p.add_argument("--grpo-clip", type=share, default=0.2, help="GRPO: per-token ratio clip")
+    p.add_argument("--mini-batches", type=count, default=2, help="optimizer steps per batch of rollouts (the second "
+                   "is off-policy, where the clip acts)")
+    p.add_argument("--micro-batch", type=count, help="trajectories per forward/backward; each pass also encodes the "
+                   f"shared prompt prefix once, so larger is faster while memory lasts {preset}")
+    p.add_argument("--micro-batch-tokens", type=_number(int, 0),
+                   help=f"also cap a micro-batch's padded tokens (rows x longest); 0: no cap {preset}")
+    p.add_argument("--grad-clip", type=positive, default=1.0, help="max gradient norm")
+    p.add_argument("--warmup", type=_number(int, 0), help=f"optimizer steps of linear learning-rate warm-up {preset}")
     # evaluation and output
-    p.add_argument("--eval-every", type=int, default=5,
-                   help="evaluate on the held-out split every N steps and after the last (0: never)")
-    p.add_argument("--eval-size", type=int, default=32,
-                   help="held-out questions per evaluation, taken in turn from each source (0: all)")
+    p.add_argument("--eval-every", type=_number(int, 0),
+                   help=f"evaluate on the held-out split every N steps and after the last (0: never) {preset}")
+    p.add_argument("--eval-size", type=_number(int, 0),
+                   help=f"held-out questions per evaluation, taken in turn from each source (0: all) {preset}")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate --model (or --resume) greedily; write eval.json and the table eval.md")
     p.add_argument("--baseline", action="append", default=[], choices=["direct", "rag"],
                    help="with --eval-only, also a baseline row with the same model and index: answer without "
                    "search, or from the question's own top-k passages (repeatable)")
     p.add_argument("--out", default="runs/dspo", help="folder for metrics.jsonl, checkpoints, eval.json")
-    p.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    p.add_argument("--save-every", type=count, help=f"checkpoint every N steps (and at the end) {preset}")
+    p.add_argument("--keep", type=count, default=2, help="checkpoints kept")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue from a checkpoint folder, or the latest one in --out")
     args = p.parse_args(argv)
-    if args.data not in ("synthetic", "hotpotqa") and not args.corpus:
+    if args.data not in ("synthetic", "hotpotqa", "search-r1") and not args.corpus:
         p.error("--corpus is required when --data names QA files or FlashRAG datasets")
     if args.data == "synthetic" and args.eval_data:
         p.error("--eval-data needs --data other than synthetic (the world has its own test split)")
-    for name in ("batch_prompts", "group_size", "mini_batches", "micro_batch", "rollout_batch", "max_gen_rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    args.preset = pick_preset(parameters, processes)
+    args.sources = {}
+    for name, value in vars(args).copy().items():
+        if name in PRESETS[args.preset] and value is None:
+            setattr(args, name, PRESETS[args.preset][name])
+            args.sources[name] = "preset"
+        elif name not in ("preset", "sources"):
+            args.sources[name] = "flag" if name in PRESETS[args.preset] or value != p.get_default(name) else "default"
     return args
+
+
+def preset_help() -> str:
+    """--help's table of the presets, one row per setting."""
+    names = list(PRESETS)
+    lines = ["presets (a flag given overrides its value; the run prints which applied):",
+             f"  {'setting':<20}" + "".join(f"{n:>12}" for n in names)]
+    lines += [f"  --{key.replace('_', '-'):<18}" + "".join(f"{str(PRESETS[n][key]):>12}" for n in names)
+              for key in PRESETS[names[0]]]
+    lines.append("laptop: models under 1B parameters; one GPU / many GPUs: 1B and up, one process / torchrun. "
+                 "The laptop values come from the demo runs (results/), the GPU ones from Search-R1's recipe and "
+                 "the measured one-GPU fit of a 7B (train.py's PRESETS says which).")
+    return "\n".join(lines)
+
+
+def settings_table(args, parameters: int, processes: int) -> str:
+    """Every effective setting and where it came from, two to a line, for the start of a run."""
+    cells = [f"{name.replace('_', '-'):<20} {str(value):<14} {args.sources[name]:<7}"
+             for name, value in vars(args).items() if name in args.sources]
+    rows = [" | ".join(cells[i:i + 2]) for i in range(0, len(cells), 2)]
+    return (f"preset {args.preset} (a model of {parameters / 1e9:.2f}B parameters, {processes} process"
+            f"{'es' if processes > 1 else ''}); settings:\n  " + "\n  ".join(rows))
+
+
+def state_bytes(parameters: int, dtype: str, amp: bool, rounding: str, processes: int) -> float:
+    """Bytes one device holds for weights, gradients and AdamW's moments: 16 a parameter in float32, 10 in
+    bf16 with Kahan compensation, 8 in bf16 with stochastic rounding. Sharded over `processes`, each holds its
+    share, plus the full parameters it gathers to generate (bf16 with --amp). Activations come on top."""
+    per_parameter = 16 if dtype == "float32" else 10 if rounding == "kahan" else 8
+    if processes == 1:
+        return parameters * per_parameter
+    return parameters * (per_parameter / processes + (2 if amp or dtype == "bfloat16" else 4))
+
+
+def device_bytes(device: str, processes: int) -> float:
+    """Memory of one GPU, or this host's RAM shared by the processes on it."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", processes))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / local
+
+
+def check_fit(args, parameters: int, processes: int, available: float) -> None:
+    """Stop before any weight is read when the weights and optimizer state alone exceed the device."""
+    needed = state_bytes(parameters, args.dtype, args.amp, args.rounding, processes)
+    if needed <= available:
+        return
+    layout = f"{args.dtype}" + (" + amp" if args.amp else "") + (f" + {args.rounding} rounding"
+                                                                  if args.dtype == "bfloat16" else "")
+    smallest = state_bytes(parameters, "bfloat16", False, "stochastic", processes)
+    advice = "pass --dtype bfloat16 --rounding stochastic (8 bytes a parameter)" if smallest <= available else \
+        f"even bf16 with stochastic rounding needs {smallest / 2 ** 30:.0f} GiB: shard it over more GPUs with " \
+        "torchrun, or train a smaller model"
+    sys.exit(f"error: --model {args.model} ({parameters / 1e9:.1f}B parameters, {layout}) needs about "
+             f"{needed / 2 ** 30:.0f} GiB for weights, gradients and AdamW state on each device, more than the "
+             f"{available / 2 ** 30:.0f} GiB of {args.device}; {advice}")
 
 
 def load_data(args):
@@ -142,6 +263,11 @@ def load_data(args):
         world = synthetic_world(seed=args.seed, exclude=EXAMPLE_NAMES)
         return world.train, world.test, world.passages
     try:
+        if args.data == "search-r1":
+            train, test, passages = load_search_r1(DEFAULT_CACHE, eval_only=args.eval_only, corpus=args.corpus)
+            if args.eval_data:
+                test = load_qa_spec(args.eval_data, "eval", DEFAULT_CACHE)
+            return train, test, passages
         if args.data == "hotpotqa" and not args.corpus:
             train, test, passages = load_hotpotqa(DEFAULT_CACHE)
             if args.eval_data:
@@ -304,13 +430,6 @@ def autocast(args):
 # ---------------------------------------------------------------------------------------------
 # The loop
 
-def pick_template(template: str, model) -> str:
-    """--template auto: worked examples for models under 1B parameters, the bare instruction above."""
-    if template != "auto":
-        return template
-    return "few-shot" if sum(p.numel() for p in model.parameters()) < 1e9 else "zero-shot"
-
-
 def start_processes(args) -> tuple[int, int]:
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPU) and take this
     rank's GPU. Returns (rank, world size)."""
@@ -319,22 +438,25 @@ def start_processes(args) -> tuple[int, int]:
         if cuda:
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=args.dist_timeout))
     return world()
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv)  # every flag is checked before anything loads
+    out = Path(args.out)
+    checkpoint = find_checkpoint(out, args.resume) if args.resume else None
+    parameters = parameter_count(str(checkpoint or args.model), args.trust_remote_code)
+    args = parse_args(argv, parameters, int(os.environ.get("WORLD_SIZE", "1")))
     rank, size = start_processes(args)
     say = tqdm.write if rank == 0 else (lambda *_: None)
+    say(settings_table(args, parameters, size))
+    check_fit(args, parameters, size, device_bytes(args.device, size))
     random.seed(args.seed)
     torch.manual_seed(args.seed)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = find_checkpoint(out, args.resume) if args.resume else None
 
     model, tokenizer = load_model(str(checkpoint or args.model), args.dtype, args.device, args.trust_remote_code)
-    template = pick_template(args.template, model)
     if args.grad_checkpointing:
         checkpoint_activations(model)
     if size > 1:
@@ -347,12 +469,14 @@ def main(argv=None):
     except ValueError as error:
         sys.exit(f"error: {args.corpus or args.data}: {error}")
     eval_set = take_in_turn(test_set, args.eval_size) if args.eval_size else test_set
-    say(f"model {args.model} ({template}), {len(train_set)} train / {len(test_set)} test questions, "
-        f"{len(passages)} passages, device {args.device}" + (f", {size} processes" if size > 1 else ""))
+    data = "the synthetic world of world.py (--data search-r1 for NQ + HotpotQA over wiki-18)" \
+        if args.data == "synthetic" else args.data
+    say(f"model {args.model} ({args.template}), data {data}: {len(train_set)} train / {len(test_set)} test "
+        f"questions, {len(passages)} passages, device {args.device}" + (f", {size} processes" if size > 1 else ""))
 
     if args.eval_only:  # baselines first, as published tables order their rows
         with gathered(model), autocast(args):
-            results = {METHOD_LABELS[method]: evaluate_method(model, tokenizer, index, eval_set, args, template,
+            results = {METHOD_LABELS[method]: evaluate_method(model, tokenizer, index, eval_set, args, args.template,
                                                               method) for method in [*args.baseline, "agent"]}
         if rank == 0:
             say(write_eval_report(out, results))
@@ -373,7 +497,7 @@ def main(argv=None):
         group_ids = [f"{q.id}#{serial[0] + i}" for i, q in enumerate(questions) for _ in range(args.group_size)]
         serial[0] += len(questions)
         with gathered(model), autocast(args):
-            episodes = generate_episodes(model, tokenizer, index, examples, group_ids, args, template)
+            episodes = generate_episodes(model, tokenizer, index, examples, group_ids, args, args.template)
         return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
 
     log = open(out / "metrics.jsonl", "a") if rank == 0 else open(os.devnull, "w")
@@ -385,7 +509,7 @@ def main(argv=None):
             last = step == args.steps or out_of_time
             if args.eval_every and (step % args.eval_every == 0 or last):
                 with gathered(model), autocast(args):
-                    record.update(evaluate(model, tokenizer, index, eval_set, args, template))
+                    record.update(evaluate(model, tokenizer, index, eval_set, args, args.template))
             if last:  # the final line holds the evaluation of the trained model only
                 if len(record) > 1:
                     log.write(json.dumps(record) + "\n")
@@ -423,7 +547,30 @@ def main(argv=None):
                 break
 
 
-if __name__ == "__main__":
-    main()
+def collective_failure(error: Exception) -> str | None:
+    """One line for a collective that timed out or lost a peer (gloo raises a plain RuntimeError); else None."""
+    text = str(error)
+    if not dist.is_initialized() or not (isinstance(error, dist.DistError) or any(
+            mark in text for mark in ("Timed out", "timed out", "Connection closed by peer", "NCCL"))):
+        return None
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0])  # drop gloo's [source:line] prefix
+    rank, size = world()
+    return (f"error: rank {rank} of {size}: a collective failed ({detail}); another rank is stuck or has died "
+            "(see its output); --dist-timeout sets how long a rank waits")
+
+
+def run(argv=None):
+    """main() as a command: a failed collective ends the process with one line instead of a traceback."""
+    try:
+        main(argv)
+    except RuntimeError as error:
+        line = collective_failure(error)
+        if line is None:
+            raise
+        sys.exit(line)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run()
