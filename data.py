@@ -23,15 +23,15 @@ cache by hand is used as is, so an offline machine works too.
 
 The synthetic world to train on without downloads is in world.py.
 Every error a user's file can cause is a DataError whose one-line message says what and where (file:line).
-Left out: checksums of downloads, resuming a download broken off in an earlier run (it restarts), memory
-mapping (every passage is held in memory, so use a subset of wiki-18 on a laptop; hotpot_train_v1.1.json,
-over 500 MB, is parsed whole), and answer normalisation (reward.py's job).
+A download resumes where an earlier run broke off (HTTP Range) and counts its bytes against the size the
+server announced. Left out: checksums of downloads, memory mapping (every passage is held in memory, so
+use a subset of wiki-18 on a laptop; hotpot_train_v1.1.json, over 500 MB, is parsed whole), and answer
+normalisation (reward.py's job).
 """
 import gzip
 import http.client
 import json
 import os
-import tempfile
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -177,54 +177,44 @@ def load_corpus_jsonl(path) -> list[str]:
 
 # --- Downloads -------------------------------------------------------------------------------------
 
-def download(url: str, cache) -> Path:
-    """`cache`/<the URL's file name>, fetched from `url` the first time with a progress bar of bytes.
-    The bytes go to a temporary file that is renamed into place only when complete, so an interrupted
-    download never leaves a half file behind to be mistaken for the real one."""
-    path = Path(cache) / url.rsplit("/", 1)[-1]
+def download(url: str, cache, name: str | None = None) -> Path:
+    """`cache`/`name` (default: the URL's file name), fetched from `url` the first time with a progress bar of
+    bytes. The bytes go to `name`.part, renamed into place only once as many arrived as the server announced,
+    so a partial file is never mistaken for the real one. An interrupted download keeps its .part and the
+    next call resumes it with an HTTP Range request (from the start if the server ignores the range)."""
+    path = Path(cache) / (name or url.rsplit("/", 1)[-1])
     if path.exists():
         return path
-    partial = None
+    partial = path.with_name(path.name + ".part")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name) as bar:
+        have = partial.stat().st_size if partial.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            resumed = have > 0 and getattr(response, "status", 200) == 206  # 206: the rest of the file
+            have = have if resumed else 0
+            length = response.headers.get("Content-Length")
+            size = have + int(length) if length else None
+            with open(partial, "ab" if resumed else "wb") as out, \
+                    tqdm(total=size, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc=path.name) as bar:
                 while chunk := response.read(PROGRESS_STEP):
                     out.write(chunk)
                     bar.update(len(chunk))
-            if size is not None and out.tell() != size:
-                raise http.client.IncompleteRead(b"", size - out.tell())
+                if size is not None and out.tell() != size:
+                    raise http.client.IncompleteRead(b"", size - out.tell())
         os.replace(partial, path)
     except (OSError, http.client.HTTPException) as error:  # URLError, timeouts and resets are OSErrors
         reason = " ".join(str(getattr(error, "reason", None) or error).split()) or type(error).__name__
-        raise DataError(f"cannot download {url} ({reason}); download it by hand to {path}") from None
-    finally:
-        if partial and os.path.exists(partial):
-            os.unlink(partial)
+        resume = "run again to resume, or " if partial.exists() and partial.stat().st_size else ""
+        raise DataError(f"cannot download {url} ({reason}); {resume}download it by hand to {path}") from None
     return path
 
 
 def hub_file(repo: str, filename: str, folder) -> Path:
-    """`folder`/`filename`, fetched from the Hugging Face dataset `repo` the first time; a file already there
-    (put by hand, say) is used as is, without asking the hub.
-    hf_hub_download (huggingface_hub/file_download.py) shows a progress bar on a terminal and writes the
-    bytes to a temporary `.incomplete` file under `folder`/.cache/huggingface/download/, moved to its name
-    only once the download has finished. Over plain HTTP it retries a dropped connection from the bytes it
-    already has, and checks the total against the size the hub announced before the move; a file the hub
-    keeps in Xet storage is fetched by hf_xet instead, where that is installed. The temporary file belongs
-    to one call, so a download broken off in an earlier run is not resumed: it starts again."""
-    path = Path(folder) / filename
-    if path.exists():
-        return path
-    from huggingface_hub import hf_hub_download  # imported here: only a download needs it
-    try:
-        return Path(hf_hub_download(repo, filename, repo_type="dataset", local_dir=folder))
-    except Exception as error:  # offline and missing files raise OSErrors, but a connection lost mid-file
-        # raises the HTTP client's own error and a failed Xet transfer hf_xet's: each is a failed download
-        raise DataError(f"cannot download {filename} from the Hugging Face dataset {repo} "
-                        f"({type(error).__name__}); download it by hand to {path}") from None
+    """`folder`/`filename`, fetched from the Hugging Face dataset `repo` the first time (resumable, size
+    checked: see download); a file already there (put by hand, say) is used as is."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return download(f"{endpoint}/datasets/{repo}/resolve/main/{filename}", folder, filename)
 
 
 # --- HotpotQA (official distractor-setting files) --------------------------------------------------

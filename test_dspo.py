@@ -4,6 +4,7 @@ Run: pytest test_dspo.py
 """
 import ast
 import gc
+import gzip
 import io
 import json
 import math
@@ -19,11 +20,9 @@ import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from huggingface_hub.errors import LocalEntryNotFoundError
 from rank_bm25 import BM25Okapi
 
 import data
@@ -266,7 +265,8 @@ def test_a_search_on_the_last_turn_ends_the_episode_unanswered(world):
     episode, _, _ = _scripted_episode(world, turns, max_turns=1, max_turn_tokens=64)
     # The last turn stops at its </search>: the search does not run, and no text after it becomes an answer.
     assert episode.valid_searches == 1 and episode.num_turns == 2 and episode.finished and not episode.truncated
-    assert episode.response_text.endswith(f"<search> {name} </search>") and extract_answer(episode.response_text) is None
+    assert episode.response_text.endswith(f"<search> {name} </search>")
+    assert extract_answer(episode.response_text) is None
 
 
 QWEN25_INSTRUCT_GENERATION = dict(do_sample=True, repetition_penalty=1.05, temperature=0.7, top_p=0.8, top_k=20)
@@ -1484,7 +1484,6 @@ HOTPOT_DEV = FIXTURES / "hotpotqa" / "hotpot_dev_distractor_v1.json"
 
 def gzip_copy(source: Path, target: Path) -> Path:
     """`target`, written as `source`'s bytes gzip-compressed (its folders made)."""
-    import gzip  # only these tests write gzip files
 
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(gzip.compress(Path(source).read_bytes()))
@@ -1507,39 +1506,14 @@ def offline_hotpotqa(monkeypatch):
     return urls
 
 
-@pytest.fixture
-def offline_hub(monkeypatch):
-    """hf_hub_download copies fixtures/flashrag/<dataset>/<split>.jsonl into local_dir, as the hub lays it
-    out, and for wiki-18 writes fixtures/wiki18.jsonl gzipped; a file the fixtures lack fails as the
-    offline hub does. The file names asked for are kept."""
-    asked = []
-
-    def copy_fixture(repo_id, filename, *, repo_type, local_dir):
-        assert repo_type == "dataset"
-        asked.append(filename)
-        if (repo_id, filename) == ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz"):
-            return str(gzip_copy(FIXTURES / "wiki18.jsonl", Path(local_dir) / filename))
-        assert repo_id == "RUC-NLPIR/FlashRAG_datasets", repo_id
-        source = FIXTURES / "flashrag" / filename
-        if not source.exists():
-            raise LocalEntryNotFoundError(f"An error happened while trying to locate the file on the Hub\n"
-                                          f"{filename}")
-        target = Path(local_dir) / filename
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(source, target)
-        return str(target)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", copy_fixture)
-    return asked
-
-
 class FakeResponse(io.BytesIO):
-    """What urlopen returns: readable bytes with headers; `break_after` bytes in, the connection drops."""
+    """What urlopen returns: readable bytes with headers and a status; `break_after` bytes in, the
+    connection drops."""
 
-    def __init__(self, body: bytes, length: int | None = None, break_after: int | None = None):
+    def __init__(self, body: bytes, length: int | None = None, break_after: int | None = None, status: int = 200):
         super().__init__(body)
         self.headers = {"Content-Length": str(len(body) if length is None else length)}
-        self.break_after = break_after
+        self.break_after, self.status = break_after, status
 
     def read(self, size=-1):
         if self.break_after is not None and self.tell() >= self.break_after:
@@ -1548,15 +1522,40 @@ class FakeResponse(io.BytesIO):
 
 
 def serve(monkeypatch, make_response):
-    """urlopen answers every URL with make_response(url); returns the list of URLs opened."""
+    """urlopen answers every request with make_response(request); returns the list of URLs opened."""
     opened = []
 
-    def urlopen(url, timeout):
-        opened.append(url)
-        return make_response(url)
+    def urlopen(request, timeout):
+        opened.append(request.full_url)
+        return make_response(request)
 
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     return opened
+
+
+HUB = "https://huggingface.co/datasets/"
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub's resolve URLs answer with fixtures/flashrag/<dataset>/<split>.jsonl, and for wiki-18 with
+    fixtures/wiki18.jsonl gzipped; a file the fixtures lack is a 404. The file names asked for are kept."""
+    asked = []
+
+    def respond(request):
+        repo_file = request.full_url.removeprefix(HUB)
+        repo, filename = repo_file.split("/resolve/main/")
+        asked.append(filename)
+        if (repo, filename) == ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz"):
+            return FakeResponse(gzip.compress((FIXTURES / "wiki18.jsonl").read_bytes()))
+        assert repo == "RUC-NLPIR/FlashRAG_datasets", repo
+        source = FIXTURES / "flashrag" / filename
+        if not source.exists():
+            raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, None)
+        return FakeResponse(source.read_bytes())
+
+    serve(monkeypatch, respond)
+    return asked
 
 
 # --- HotpotQA --------------------------------------------------------------------------------------
@@ -1662,13 +1661,13 @@ def test_unreachable_network_says_which_url_and_where_to_put_the_file(tmp_path, 
     lambda body: FakeResponse(body, break_after=len(body) // 2),   # connection reset half way
     lambda body: FakeResponse(body[:100], length=len(body)),         # server closed before Content-Length
 ])
-def test_an_interrupted_download_leaves_no_file_and_a_retry_succeeds(tmp_path, monkeypatch, response):
+def test_an_interrupted_download_never_leaves_the_file_and_a_retry_completes_it(tmp_path, monkeypatch, response):
     body = HOTPOT_DEV.read_bytes()
     serve(monkeypatch, lambda url: response(body))
     with pytest.raises(DataError) as excinfo:
         download(HOTPOTQA_URLS["dev"], tmp_path)
     assert_one_line_error(excinfo, f"download it by hand to {tmp_path / 'hotpot_dev_distractor_v1.json'}")
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == ["hotpot_dev_distractor_v1.json.part"]  # kept to resume
     serve(monkeypatch, lambda url: FakeResponse(body))
     assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == body
 
@@ -1746,10 +1745,10 @@ def test_flashrag_file_in_the_cache_is_used_without_the_hub(tmp_path, offline_hu
 
 def test_flashrag_download_failure_names_the_file_and_where_to_put_it(tmp_path, offline_hub):
     with pytest.raises(DataError) as excinfo:
-        flashrag_file("musique", "train", tmp_path)  # not among the fixtures: fails as offline
+        flashrag_file("musique", "train", tmp_path)  # not among the fixtures: the hub answers 404
     assert str(excinfo.value) == (
-        "cannot download musique/train.jsonl from the Hugging Face dataset RUC-NLPIR/FlashRAG_datasets "
-        f"(LocalEntryNotFoundError); download it by hand to {tmp_path / 'flashrag' / 'musique' / 'train.jsonl'}")
+        f"cannot download {HUB}RUC-NLPIR/FlashRAG_datasets/resolve/main/musique/train.jsonl (Not Found); "
+        f"download it by hand to {tmp_path / 'flashrag' / 'musique' / 'train.jsonl'}")
 
 
 SEARCH_R1_FILES = ["nq/train.jsonl", "hotpotqa/train.jsonl", "nq/test.jsonl", "triviaqa/test.jsonl",
@@ -1783,21 +1782,34 @@ def test_search_r1_eval_only_skips_the_train_files_and_a_corpus_path_replaces_wi
     assert not (tmp_path / "cache" / "wiki-18").exists()
 
 
-@pytest.mark.parametrize("failure", ["offline", "connection lost mid-file"])
-def test_wiki18_download_failure_names_the_file_and_where_to_put_it(tmp_path, monkeypatch, failure):
-    httpx2 = pytest.importorskip("httpx2")  # the HTTP client huggingface_hub 2.x streams files with
-    error = {"offline": LocalEntryNotFoundError("cannot reach the Hub"),
-             "connection lost mid-file": httpx2.RemoteProtocolError("peer closed connection")}[failure]
-
-    def fail(repo_id, filename, *, repo_type, local_dir):
-        raise error
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fail)
+def test_an_interrupted_wiki18_download_resumes_from_its_partial_file_and_is_checked(tmp_path, monkeypatch):
+    body = gzip.compress((FIXTURES / "wiki18.jsonl").read_bytes())
+    url = f"{HUB}PeterJinGo/wiki-18-corpus/resolve/main/wiki-18.jsonl.gz"
+    serve(monkeypatch, lambda request: FakeResponse(body, break_after=300))
     with pytest.raises(DataError) as excinfo:
         data.wiki18_file(tmp_path)
-    assert str(excinfo.value) == (
-        f"cannot download wiki-18.jsonl.gz from the Hugging Face dataset PeterJinGo/wiki-18-corpus "
-        f"({type(error).__name__}); download it by hand to {tmp_path / 'wiki-18' / 'wiki-18.jsonl.gz'}")
+    target = tmp_path / "wiki-18" / "wiki-18.jsonl.gz"
+    assert_one_line_error(excinfo, f"cannot download {url} ([Errno 104] Connection reset by peer); run again to "
+                                   f"resume, or download it by hand to {target}")
+    assert not target.exists() and (target.parent / "wiki-18.jsonl.gz.part").stat().st_size == 300
+    ranges = []
+
+    def rest(request):  # a server that honours Range answers 206 with the remaining bytes
+        ranges.append(request.get_header("Range"))
+        start = int(request.get_header("Range").removeprefix("bytes=").rstrip("-"))
+        return FakeResponse(body[start:], status=206)
+
+    serve(monkeypatch, rest)
+    assert data.wiki18_file(tmp_path).read_bytes() == body and ranges == ["bytes=300-"]
+    assert load_corpus_jsonl(target) == load_corpus_jsonl(FIXTURES / "wiki18.jsonl")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["wiki-18.jsonl.gz"]
+
+
+def test_a_server_that_ignores_the_range_restarts_the_download_from_the_first_byte(tmp_path, monkeypatch):
+    body = HOTPOT_DEV.read_bytes()
+    (tmp_path / "hotpot_dev_distractor_v1.json.part").write_bytes(b"stale bytes")
+    serve(monkeypatch, lambda request: FakeResponse(body))  # 200: the whole file
+    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == body
 
 
 # --- Corpus ----------------------------------------------------------------------------------------

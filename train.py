@@ -105,8 +105,10 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
     p.add_argument("--model", default=DEFAULT_MODEL, help="SmolLM2-135M-Instruct (embedded), a short name like "
                    "Qwen2.5-7B(-Instruct), any hub id or local path, or 'tiny' (random, for tests)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help=f"weight dtype; bfloat16 weights are trained by BF16AdamW so small updates are not lost {preset}")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, help=f"bf16 compute over float32 master weights {preset}")
+                   help=f"weight dtype; bfloat16 weights are trained by BF16AdamW so small updates are not lost "
+                   f"{preset}")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction,
+                   help=f"bf16 compute over float32 master weights {preset}")
     p.add_argument("--rounding", choices=["kahan", "stochastic"],
                    help="how BF16AdamW keeps sub-rounding updates: a bf16 compensation buffer (about 16 significant "
                    f"bits, +2 bytes a parameter) or unbiased random rounding (8 bytes a parameter in all) {preset}")
@@ -137,7 +139,8 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
     p.add_argument("--batch-prompts", type=count, help=f"B: informative groups per step {preset}")
     p.add_argument("--group-size", type=_number(int, 2), help="G: trajectories per question (at least 2: a group "
                    f"of one never has differing rewards, so the filter would drop every group) {preset}")
-    p.add_argument("--max-turns", type=_number(int, 0), help=f"searches allowed before the last answer-only turn {preset}")
+    p.add_argument("--max-turns", type=_number(int, 0),
+                   help=f"searches allowed before the last answer-only turn {preset}")
     p.add_argument("--topk", type=count, help=f"passages returned per search {preset}")
     p.add_argument("--max-turn-tokens", type=count, help=f"tokens the model may write per turn {preset}")
     p.add_argument("--max-response-tokens", type=count, help=f"tokens per trajectory after the prompt {preset}")
