@@ -10,7 +10,8 @@ with N passages, n(t) of them containing t, and avgdl the mean passage length in
 exactly those of rank-bm25 0.2.2's `BM25Okapi`, so scores agree with `get_scores` to float64 rounding:
 a term in more than half the passages would get a negative idf and is floored at epsilon * (mean idf over the
 vocabulary); a repeated query term counts once per occurrence; an unknown term contributes 0; every passage
-gets a score, 0 included.
+gets a score, 0 included (a passage with no indexable word scores 0). A corpus with no indexable word at
+all is refused: its avgdl and mean idf would be 0 / 0.
 
 Everything that does not depend on the query is paid for once at build time: each (term, passage) posting
 stores its whole BM25 term weight in a CSR layout (term -> a slice of passage ids and weights), so a query is
@@ -72,6 +73,9 @@ class BM25Index:
             passages = np.repeat(np.arange(start, start + len(tokens), dtype=np.int64), lengths)
             key_chunks.append(term_ids * n_docs + passages)
         vocab.default_factory = None  # from here on an unknown query term is a miss, not a new id
+        if not vocab:  # BM25 of such a corpus is 0 / 0 (avgdl and the mean idf): it cannot answer any query
+            raise ValueError(f"no indexable words in any of the {n_docs:,} passages (only stopwords, "
+                             "punctuation or empty text): check the corpus's text fields")
         self.vocab = vocab
 
         # One sort of the keys groups postings by term with passages ascending, and counts tf.
@@ -84,7 +88,7 @@ class BM25Index:
         idf = np.log(n_docs - df + 0.5) - np.log(df + 0.5)                 # [V]
         # rank-bm25 sums idf one term at a time in first-seen order (our id order); a sequential cumsum
         # reproduces that sum bit for bit, where idf.mean()'s pairwise sum would drift by an ulp.
-        floor = epsilon * (idf.cumsum()[-1] / len(vocab)) if len(vocab) else 0.0
+        floor = epsilon * (idf.cumsum()[-1] / len(vocab))
         idf[idf < 0] = floor
         avgdl = doc_len.sum() / n_docs
         # Same operation order as rank-bm25 (b * |d| / avgdl is (b * |d|) / avgdl), so weights match bit for bit.

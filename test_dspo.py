@@ -567,6 +567,83 @@ def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path
     assert f"{qa}:2" in str(stop.value) and "golden_answers" in str(stop.value) and "\n" not in str(stop.value)
 
 
+def test_a_corpus_of_stopwords_only_stops_in_one_line_naming_the_corpus(tmp_path):
+    qa = write_lines(tmp_path / "qa.jsonl", [json.dumps({"question": f"q{i}", "golden_answers": ["a"]})
+                                             for i in range(9)])  # 8 to train on: more than --batch-prompts 4
+    corpus = write_lines(tmp_path / "corpus.jsonl", ['{"title": "The", "text": "of the, and a."}'])
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--out", str(tmp_path / "run")])
+    assert_one_line_error(stop, f"error: {corpus}: no indexable words in any of the 1 passages")
+
+
+def test_more_prompts_a_step_than_training_questions_stops_in_one_line(tmp_path):
+    questions = [json.dumps({"question": f"q{i}", "golden_answers": ["a"]}) for i in range(11)]
+    qa = write_lines(tmp_path / "qa.jsonl", questions)
+    corpus = write_lines(tmp_path / "corpus.jsonl", ['{"title": "T", "text": "x"}'])
+    common = ["--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--eval-every", "0", "--steps", "0"]
+    with pytest.raises(SystemExit) as stop:  # 11 questions: 1 held out for evaluation, 10 to train on
+        main(common + ["--batch-prompts", "11", "--out", str(tmp_path / "run")])
+    assert_one_line_error(stop, "error: --batch-prompts 11 is more than the 10 training questions")
+    main(common + ["--batch-prompts", "10", "--out", str(tmp_path / "run")])  # every question once a step is fine
+    write_lines(qa, questions[:1])  # one question, held out: nothing left to train on would loop for ever
+    with pytest.raises(SystemExit) as stop:
+        main(common + ["--batch-prompts", "1", "--out", str(tmp_path / "run")])
+    assert_one_line_error(stop, "error: --batch-prompts 1 is more than the 0 training questions")
+    assert "beyond the 1 held out for evaluation" in str(stop.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "{tmp}/missing.jsonl", "--corpus", "{tmp}/corpus.jsonl"], "--data {tmp}/missing.jsonl: no such file"),
+    (["--data", "nq,{tmp}/qa.jsonl", "--corpus", "{tmp}/missing.jsonl"], "--corpus {tmp}/missing.jsonl: no such file"),
+    (["--data", "{tmp}/qa.jsonl", "--corpus", "{tmp}/corpus.jsonl", "--eval-data", "nq,nonsense"],
+     "--eval-data nonsense: no such file"),
+    (["--out", "{tmp}/qa.jsonl"], "--out {tmp}/qa.jsonl: is a file"),
+    (["--out", "{tmp}/qa.jsonl/run"], "--out {tmp}/qa.jsonl/run: lies under the file {tmp}/qa.jsonl"),
+])
+def test_a_missing_input_or_an_out_under_a_file_stops_in_one_line_before_the_model_is_read(tmp_path, monkeypatch,
+                                                                                            flags, message):
+    import train
+    monkeypatch.setattr(train, "parameter_count", lambda *_: pytest.fail("the model was read before the check"))
+    (tmp_path / "qa.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
+    (tmp_path / "corpus.jsonl").write_text('{"title": "T", "text": "x"}\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "tiny", "--eval-every", "0", *[f.format(tmp=tmp_path) for f in flags]])
+    assert_one_line_error(stop, "error: " + message.format(tmp=tmp_path))
+
+
+def test_known_names_existing_files_and_a_new_out_folder_pass_the_path_check_leaving_nothing_behind(tmp_path):
+    from train import check_paths
+    (tmp_path / "qa.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
+    (tmp_path / "corpus.jsonl").write_text('{"title": "T", "text": "x"}\n')
+    check_paths(parse_args(["--data", f"nq,hotpotqa,{tmp_path}/qa.jsonl", "--corpus", str(tmp_path / "corpus.jsonl"),
+                            "--eval-data", "bamboogle", "--out", str(tmp_path / "new" / "run")]))
+    check_paths(parse_args(["--data", "search-r1", "--out", str(tmp_path)]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "qa.jsonl"]
+
+
+def test_an_out_that_cannot_be_written_stops_in_one_line(tmp_path):
+    from train import check_paths
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        try:  # root writes through permission bits; then the folder is writable and must pass
+            (locked / "probe").touch()
+            (locked / "probe").unlink()
+            check_paths(parse_args(["--out", str(locked / "run")]))
+        except PermissionError:
+            with pytest.raises(SystemExit) as stop:
+                check_paths(parse_args(["--out", str(locked / "run")]))
+            assert_one_line_error(stop, f"error: --out {locked}/run: cannot write in {locked}")
+    finally:
+        locked.chmod(0o755)
+    # sysfs refuses new files even to root, so this case holds whoever runs the tests.
+    if Path("/sys/kernel").is_dir():
+        with pytest.raises(SystemExit) as stop:
+            check_paths(parse_args(["--out", "/sys/kernel/dspo-run"]))
+        assert_one_line_error(stop, "error: --out /sys/kernel/dspo-run: cannot write in /sys/kernel")
+
+
 SEARCH_R1_LINE = dict(group_size=5, topk=3, max_turns=4, max_turn_tokens=500, temperature=1.0, lr=1e-6,
                       template="zero-shot")
 
@@ -623,6 +700,14 @@ def test_a_configuration_that_cannot_fit_stops_in_one_line(argv, processes, avai
     message = str(stop.value)
     assert message.startswith("error: --model Qwen2.5-7B (7.6B parameters") and advice in message
     assert "\n" not in message
+
+
+def test_evaluating_a_7b_needs_room_for_its_weights_only():
+    from train import check_fit
+    args = parse_args(["--eval-only"], 7_615_616_512)
+    check_fit(args, 7_615_616_512, 1, 24 * GIB)  # bf16 weights, 14 GiB: fits where training would not
+    with pytest.raises(SystemExit):
+        check_fit(parse_args([], 7_615_616_512), 7_615_616_512, 1, 24 * GIB)
 
 
 @pytest.mark.parametrize("processes, available", [(1, 80 * GIB), (8, 80 * GIB)])
@@ -773,6 +858,50 @@ def test_update_equals_scoring_pi_old_for_every_trajectory_before_the_first_step
         reference.optimizer.step()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.parameters(), reference.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), initial))  # the weights really moved
+
+def test_an_episode_without_model_tokens_gets_no_forward_and_leaves_the_update_unchanged():
+    import copy
+    from rollout import Episode
+    import train
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    twin = copy.deepcopy(model)
+    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7],
+                        loss_mask=[1, 1, 0, 1]) for i in range(4)]
+    # A prompt that alone filled the context: 20 tokens, the last two retrieved text, none the model's.
+    empty = Episode(group_id="h", prompt_ids=list(range(1, 19)), response_ids=[8, 9], loss_mask=[0, 0])
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "4", "--lr", "1.0"])
+    results, lengths = [], {}
+    for net, batch, adv in ((model, episodes[:2] + [empty] + episodes[2:], torch.cat([advantages[:2],
+                             torch.tensor([2.0]), advantages[2:]])), (twin, episodes, advantages)):
+        lengths[id(net)] = []
+        net.register_forward_pre_hook(lambda module, inputs, kwargs, seen=lengths[id(net)]:
+                                      seen.append(kwargs["input_ids"].shape), with_kwargs=True)
+        optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+        results.append(train.update(net, optimizer, scheduler, batch, adv, args, tokenizer.pad_token_id))
+    with_empty, without = results
+    assert with_empty.pop("episodes_without_model_tokens") == 1 and without.pop("episodes_without_model_tokens") == 0
+    assert with_empty == without and without["skipped_optimizer_steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert lengths[id(model)] == lengths[id(twin)] and all(shape[1] < 20 for shape in lengths[id(model)])
+
+
+def test_a_batch_of_episodes_without_model_tokens_takes_no_optimizer_step():
+    from rollout import Episode
+    import train
+    model, tokenizer = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4], loss_mask=[0]) for _ in range(2)]
+    args = train.parse_args(["--model", "tiny"])
+    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, -1.0]), args,
+                          tokenizer.pad_token_id)
+    assert result["episodes_without_model_tokens"] == 2 and result["skipped"] == 1 and scheduler.last_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
 
 def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
     import checkpoints
@@ -982,10 +1111,18 @@ def test_batched_search_equals_one_query_at_a_time():
     assert index.search([], 5) == []
 
 
-def test_corpus_without_indexable_words_scores_zero():
-    index = BM25Index(["", "The\nof the", "\x00"])
-    np.testing.assert_array_equal(index.scores("the anything"), np.zeros(3))
+def test_passages_without_indexable_words_score_zero_beside_indexable_ones():
+    texts = ["", "The\nof the", "Paris\nParis is a city.", "\x00", "Rome\nRome is a city."]
+    index, baseline = BM25Index(texts), reference(texts)
+    for query in ["paris city", "the anything", "rome"]:
+        np.testing.assert_allclose(index.scores(query), baseline.get_scores(tokenize(query)), rtol=1e-6, atol=1e-12)
+    assert index.scores("paris city")[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0] and index.scores("paris")[2] > 0
     assert index.search(["anything"], 2) == [[(0, 0.0), (1, 0.0)]]
+
+
+def test_a_corpus_without_any_indexable_word_raises_value_error():
+    with pytest.raises(ValueError, match="no indexable words in any of the 3 passages"):
+        BM25Index(["", "The\nof the", "\x00"])
 
 
 def test_format_hits_renders_numbered_title_and_text_lines():

@@ -27,6 +27,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -241,6 +242,8 @@ def device_bytes(device: str, processes: int) -> float:
 def check_fit(args, parameters: int, processes: int, available: float) -> None:
     """Stop before any weight is read when the weights and optimizer state alone exceed the device."""
     needed = state_bytes(parameters, args.dtype, args.amp, args.rounding, processes)
+    if args.eval_only:  # no gradients or optimizer state: the weights, whole on every device to generate
+        needed = parameters * (4 if args.dtype == "float32" else 2)
     if needed <= available:
         return
     layout = f"{args.dtype}" + (" + amp" if args.amp else "") + (f" + {args.rounding} rounding"
@@ -252,6 +255,31 @@ def check_fit(args, parameters: int, processes: int, available: float) -> None:
     sys.exit(f"error: --model {args.model} ({parameters / 1e9:.1f}B parameters, {layout}) needs about "
              f"{needed / 2 ** 30:.0f} GiB for weights, gradients and AdamW state on each device, more than the "
              f"{available / 2 ** 30:.0f} GiB of {args.device}; {advice}")
+
+
+def check_paths(args) -> None:
+    """Stop in one line naming the flag and the path when an input file is missing or --out cannot be
+    written, before anything slow (a model conversion, a download, an index build) has happened. Writing is
+    tested by creating a file where the run will, because permission bits say nothing for root."""
+    specs = [("--data", args.data)] if args.data not in ("synthetic", "search-r1") else []
+    for flag, spec in specs + ([("--eval-data", args.eval_data)] if args.eval_data else []):
+        for item in (part.strip() for part in spec.split(",")):
+            if item and item not in FLASHRAG_SPLITS and not Path(item).is_file():
+                alone = "synthetic or search-r1 alone, or " if flag == "--data" else ""
+                sys.exit(f"error: {flag} {item}: no such file, and not a dataset name ({alone}a comma-separated mix "
+                         f"of {', '.join(FLASHRAG_SPLITS)} and QA JSONL files)")
+    if args.corpus and not Path(args.corpus).is_file():
+        sys.exit(f"error: --corpus {args.corpus}: no such file")
+    out = Path(args.out)
+    folder = next(path for path in [out, *out.parents] if path.exists() or path == path.parent)
+    if not folder.is_dir():
+        where = "is a file" if folder == out else f"lies under the file {folder}"
+        sys.exit(f"error: --out {args.out}: {where}; it must be a folder (made if missing)")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".dspo-write-test-"):
+            pass
+    except OSError as error:
+        sys.exit(f"error: --out {args.out}: cannot write in {folder} ({error.strerror})")
 
 
 def load_data(args):
@@ -354,9 +382,22 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, step
     a trajectory's loss is weighted W / (mini-batch size) and the step equals one process's. Every rank
     runs the same number of forward/backward passes (a rank short of work repeats one with weight 0),
     because each pass gathers parameters collectively.
+
+    An episode without model tokens (sum(loss_mask) == 0: a prompt that alone fills the context, kept by
+    --no-filter) has no log-prob the loss could move. It is left out before the shuffle, so it gets no forward
+    pass and no place in the mean's denominator: the step is exactly the step on the other episodes, and
+    `episodes_without_model_tokens` counts what was left out. Every rank holds every episode, so all leave out
+    the same ones; a batch with nothing else takes no optimizer step.
     """
     rank, size = world()
     device = next(model.parameters()).device
+    with_tokens = [i for i, e in enumerate(episodes) if any(e.loss_mask)]
+    without_tokens = len(episodes) - len(with_tokens)
+    if without_tokens:
+        episodes, advantages = [episodes[i] for i in with_tokens], advantages[with_tokens]
+    if not episodes:
+        return {"episodes_without_model_tokens": without_tokens, "skipped": 1, "clip_ratio/low_mean": 0.0,
+                "clip_ratio/high_mean": 0.0, "skipped_optimizer_steps": 0}
     # The same shuffle on every rank, and the same after a resume.
     order = torch.randperm(len(episodes), generator=torch.Generator().manual_seed(args.seed * 100003 + step))
     lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes]
@@ -421,7 +462,7 @@ def update(model, optimizer, scheduler, episodes, advantages, args, pad_id, step
     sums = all_reduce(sums, "sum")
     result = {f"{k}_mean" if k.startswith("clip_ratio") else k: v / steps for k, v in sums.items()}
     result.update({"ratio/min": -all_reduce(-ratio_min, "max"), "ratio/max": all_reduce(ratio_max, "max"),
-                   "skipped_optimizer_steps": skipped})
+                   "skipped_optimizer_steps": skipped, "episodes_without_model_tokens": without_tokens})
     return result
 
 
@@ -447,6 +488,7 @@ def start_processes(args) -> tuple[int, int]:
 
 def main(argv=None):
     args = parse_args(argv)  # every flag is checked before anything loads
+    check_paths(args)
     out = Path(args.out)
     checkpoint = find_checkpoint(out, args.resume) if args.resume else None
     parameters = parameter_count(str(checkpoint or args.model), args.trust_remote_code)
@@ -465,6 +507,11 @@ def main(argv=None):
     if size > 1:
         shard(model, args.amp)
     train_set, test_set, passages = load_data(args)
+    if not args.eval_only and args.batch_prompts > len(train_set):  # each step would ask questions twice over
+        fix = f"pass --batch-prompts {len(train_set)} or fewer" if train_set else \
+            f"it needs questions beyond the {len(test_set)} held out for evaluation"
+        sys.exit(f"error: --batch-prompts {args.batch_prompts} is more than the {len(train_set):,} training questions "
+                 f"of --data {args.data}; {fix}")
     if len(passages) > 100_000:
         say(f"BM25 index: about {estimate_index_bytes(passages) / 2 ** 30:.1f} GiB for {len(passages):,} passages")
     try:
