@@ -1,16 +1,29 @@
 """Checkpoints that never lose work: written atomically, resumed exactly, saved on a signal.
 
-A checkpoint is a folder checkpoint-NNNNNN/ with the HF weights and tokenizer (from_pretrained loads it)
-and trainer_state.pt (optimizer, scheduler, step, RNG states, position in the data). It is written under a
-temporary name and renamed, so a crash mid-write leaves the previous one intact. With several processes
-every rank helps gather the full state and rank 0 writes it. A first SIGINT / SIGTERM raises a flag that the
-training loop reads at the end of a step; a second exits at once.
+A checkpoint is a folder checkpoint-NNNNNN/ (exactly six digits: other names in --out are the user's and
+are never picked or deleted) with the HF weights and tokenizer (from_pretrained loads it), trainer_state.pt
+(optimizer, scheduler, step, RNG states, position in the data) and run_args.json (the run's settings, which
+train.py compares on resume). It is written under a temporary name and renamed, so a crash mid-write leaves
+the previous one intact; rotation keeps the --keep newest up to the one just written and never touches a
+later one (left by a run resumed from an older checkpoint). --resume takes the newest checkpoint that is
+intact (trainer_state.pt opens, every safetensors header parses), saying which broken ones it passed over.
+With several processes every rank helps gather the full state and rank 0 writes it.
 
-Left out: sharded (per-rank) checkpoint files, asynchronous saving, and keeping the best checkpoint by score.
+A run holds an exclusive flock on <out>/.lock for its life, so a second run on the same --out stops at once;
+the kernel drops the lock when the process dies, so a stale file never blocks. On resume, metrics.jsonl
+loses the lines a later, unsaved step wrote (moved to metrics.dropped.jsonl), so each step is logged once.
+A first SIGINT / SIGTERM raises a flag that the training loop reads at the end of a step; a second exits at
+once.
+
+Left out: sharded (per-rank) checkpoint files, asynchronous saving, keeping the best checkpoint by score,
+and a full check of the weights' bytes (the intact test reads headers, not every tensor).
 """
 import contextlib
+import fcntl
+import json
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -26,10 +39,20 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from models import world
 
 
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d{6}")  # what save_checkpoint writes; nothing else is ours
+
+
+def checkpoints_in(out: Path) -> list[Path]:
+    """The trainer's checkpoint folders in `out`, oldest first (the zero-padded names sort by step)."""
+    return sorted(path for path in out.glob("checkpoint-*") if CHECKPOINT_NAME.fullmatch(path.name) and path.is_dir())
+
+
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, data_state: dict,
-                    keep: int) -> Path:
-    """Write into a temporary folder and rename it, so a crash never leaves a half-written checkpoint.
+                    keep: int, run_args: dict | None = None) -> Path:
+    """Write into a temporary folder and rename it, so a crash never leaves a half-written checkpoint; then
+    delete all but the `keep` newest up to this one. `run_args` (the run's settings) goes in run_args.json.
     With several ranks every rank helps gather the full weights and optimizer state; rank 0 writes them."""
+    assert keep >= 1, keep
     rank, size = world()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options) if size > 1 else None
@@ -47,10 +70,12 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
         torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "data_state": dict(data_state),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
+        (tmp / "run_args.json").write_text(json.dumps(run_args or {}, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in sorted(out.glob("checkpoint-*"))[:-keep]:
+        older = [path for path in checkpoints_in(out) if path.name < final.name]
+        for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old)
     if size > 1:
         dist.barrier()
@@ -106,25 +131,131 @@ def stop_on_signals():
         os.close(read_fd)
 
 
+def why_broken(checkpoint: Path) -> str | None:
+    """None when `checkpoint` can be resumed, else what is wrong, in a few words. Cheap but sure for what
+    goes wrong in practice (a truncated or missing file): trainer_state.pt is opened memory-mapped (a
+    truncated zip has no central directory) and each weight file's safetensors header is parsed (it must
+    cover the file's length), without reading the tensors."""
+    from safetensors import safe_open
+    state = checkpoint / "trainer_state.pt"
+    if not state.is_file():
+        return "no trainer_state.pt"
+    try:
+        torch.load(state, weights_only=True, mmap=True, map_location="cpu")["step"]
+    except Exception as error:  # whatever fails to load cannot be resumed
+        return f"trainer_state.pt does not load ({type(error).__name__}, truncated?)"
+    index = checkpoint / "model.safetensors.index.json"
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+            else ["model.safetensors"]
+    except (ValueError, KeyError) as error:
+        return f"model.safetensors.index.json does not parse ({error})"
+    for name in names:
+        if not (checkpoint / name).is_file():
+            return f"no {name}"
+        try:
+            with safe_open(checkpoint / name, "pt"):
+                pass
+        except Exception as error:
+            return f"{name} does not load ({str(error).splitlines()[0]})"
+    return None
+
+
 def find_checkpoint(out: Path, resume: str) -> Path:
+    """The checkpoint --resume names, or with "latest" the newest intact one in `out`, saying which broken
+    ones it passed over; stops in one line when there is none. A folder the user named must be intact."""
+    rank_zero = os.environ.get("RANK", "0") == "0"  # runs before torchrun's process group exists
     if resume != "latest":
         path = Path(resume)
-    else:
-        found = sorted(out.glob("checkpoint-*"))
-        if not found:
-            sys.exit(f"error: --resume: no checkpoint-* folder in {out}")
-        path = found[-1]
-    if not (path / "trainer_state.pt").exists():
-        sys.exit(f"error: --resume: {path} is not a checkpoint (no trainer_state.pt)")
-    return path
+        problem = "no such folder" if not path.is_dir() else why_broken(path)
+        if problem:
+            sys.exit(f"error: --resume {path}: not a checkpoint that can be resumed ({problem})")
+        return path
+    broken = []
+    for path in reversed(checkpoints_in(out)):
+        problem = why_broken(path)
+        if problem is None:
+            if broken and rank_zero:
+                print(f"--resume: using {path.name}, the newest intact checkpoint", file=sys.stderr, flush=True)
+            return path
+        broken.append(f"{path.name}: {problem}")
+        if rank_zero:
+            print(f"--resume: {path} is broken ({problem}); trying an older one", file=sys.stderr, flush=True)
+    if broken:
+        sys.exit(f"error: --resume: no intact checkpoint in {out} ({'; '.join(broken)})")
+    sys.exit(f"error: --resume: no checkpoint-NNNNNN folder in {out}")
 
 
-def resume_state(checkpoint: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+def saved_run_args(checkpoint: Path) -> dict | None:
+    """The settings the run saved with `checkpoint`, or None for a checkpoint from before they were saved."""
+    path = checkpoint / "run_args.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+_held_lock = []  # this process's run lock: one at a time (main() may run again in one process, as tests do)
+
+
+def lock_run(out: Path) -> None:
+    """Take an exclusive flock on <out>/.lock (which then holds this pid) for the rest of the process, or
+    stop in one line naming the run that holds it. The kernel releases it when the process dies, so a lock
+    file left by a killed run does not block; a lock this process took before is released first."""
+    while _held_lock:
+        _held_lock.pop().close()
+    out.mkdir(parents=True, exist_ok=True)
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        sys.exit(f"error: --out {out}: another run (pid {holder}) is using this folder; wait for it to end, "
+                 "or give another --out")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_lock.append(handle)
+
+
+def trim_metrics(path: Path, step: int) -> int:
+    """Keep the lines of metrics.jsonl that a resume from checkpoint `step` does not write again: the steps
+    before it, and the evaluation-only line at `step` (the evaluation of that checkpoint, at the end of the
+    run that saved it). A training line at or past `step` (a step logged but killed before its checkpoint,
+    or a run resumed from an older checkpoint) and any line that does not parse are appended to
+    metrics.dropped.jsonl beside it. Returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+            keep = record["step"] < step or (record["step"] == step and
+                                             all(key == "step" or key.startswith("val/") for key in record))
+        except (ValueError, KeyError, TypeError):
+            keep = not line.strip()
+        (kept if keep else dropped).append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        with open(path.with_name("metrics.dropped.jsonl"), "a") as side:
+            side.writelines(dropped)
+        fresh = path.with_name(f".{path.name}.tmp")
+        fresh.write_text("".join(kept))
+        os.replace(fresh, path)
+    return len(dropped)
+
+
+def resume_state(checkpoint: Path, model, optimizer, scheduler, lr: float | None = None) -> tuple[int, dict]:
     """Load the optimizer, scheduler and RNG states of `checkpoint` (every rank reads the file; the weights
-    were loaded with the model). Returns (step, data state)."""
+    were loaded with the model). A new `lr` replaces the saved base learning rate, at the schedule's
+    current point (warm-up included). Returns (step, data state)."""
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
+    if lr is not None:
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+            group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return state["step"], state["data_state"]

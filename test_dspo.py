@@ -746,7 +746,8 @@ def test_an_uncached_hub_model_without_network_is_one_line_naming_it(tmp_path, e
 @pytest.mark.parametrize("flag, value", [("--group-size", "1"), ("--topk", "0"), ("--temperature", "0"),
                                          ("--temperature", "-1"), ("--lr", "nan"), ("--lr", "-1"),
                                          ("--max-turn-tokens", "0"), ("--save-every", "0"), ("--steps", "-1"),
-                                         ("--eval-size", "-5"), ("--clip-low", "2"), ("--max-turns", "-1")])
+                                         ("--eval-size", "-5"), ("--clip-low", "2"), ("--max-turns", "-1"),
+                                         ("--keep", "0"), ("--keep", "-1")])
 def test_a_meaningless_flag_value_stops_in_one_line_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as stop:
         parse_args([flag, value])
@@ -923,6 +924,105 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, mo
     latest = checkpoints.find_checkpoint(tmp_path, "latest")
     assert latest.name == "checkpoint-000003"
     assert torch.load(latest / "trainer_state.pt", weights_only=True)["data_state"]["position"] == 3
+
+
+def _saved_checkpoints(folder: Path, steps, keep: int):
+    import checkpoints
+    model, tokenizer = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+    for step in steps:
+        checkpoints.save_checkpoint(folder, step, model, tokenizer, optimizer, scheduler,
+                                    {"epoch": 0, "position": step}, keep=keep)
+
+
+def test_rotation_keeps_the_new_checkpoint_and_leaves_other_names_alone(tmp_path):
+    import checkpoints
+    (tmp_path / "checkpoint-000004-backup").mkdir()
+    (tmp_path / "checkpoint-notes.txt").write_text("lr 1e-2 diverged")
+    (tmp_path / "checkpoint-000009").mkdir()  # a later one, left by a run resumed from an older checkpoint
+    _saved_checkpoints(tmp_path, (1, 2, 3), keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-000003", "checkpoint-000004-backup", "checkpoint-000009", "checkpoint-notes.txt"]
+    shutil.rmtree(tmp_path / "checkpoint-000009")
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-000003"  # not the backup, no refusal
+
+
+def test_resume_passes_over_broken_checkpoints_to_the_newest_intact_one(tmp_path, capsys):
+    import checkpoints
+    _saved_checkpoints(tmp_path, (1, 2, 3), keep=3)
+    state = tmp_path / "checkpoint-000003" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    (tmp_path / "checkpoint-000002" / "model.safetensors").unlink()
+    capsys.readouterr()  # the writers' progress bars
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-000001"
+    said = capsys.readouterr().err.splitlines()
+    assert said[0].startswith(f"--resume: {tmp_path / 'checkpoint-000003'} is broken (trainer_state.pt does not load")
+    assert said[1] == f"--resume: {tmp_path / 'checkpoint-000002'} is broken (no model.safetensors); trying an older one"
+    assert said[2] == "--resume: using checkpoint-000001, the newest intact checkpoint"
+    weights = tmp_path / "checkpoint-000001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(SystemExit) as stop:
+        checkpoints.find_checkpoint(tmp_path, "latest")
+    line = str(stop.value.code)
+    assert line.startswith(f"error: --resume: no intact checkpoint in {tmp_path} (checkpoint-000003: trainer_state.pt")
+    assert "; checkpoint-000002: no model.safetensors; checkpoint-000001: model.safetensors does not load" in line
+    with pytest.raises(SystemExit) as stop:
+        checkpoints.find_checkpoint(tmp_path, str(tmp_path / "checkpoint-000002"))
+    assert stop.value.code == f"error: --resume {tmp_path / 'checkpoint-000002'}: not a checkpoint that can be " \
+                              "resumed (no model.safetensors)"
+
+
+def test_a_second_run_on_the_same_out_stops_naming_the_first_ones_pid(tmp_path):
+    import signal
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nimport checkpoints\n"
+                               f"checkpoints.lock_run(Path({str(tmp_path)!r}))\nprint('locked', flush=True)\n"
+                               "time.sleep(120)"], cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(SystemExit) as stop:
+            main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--out", str(tmp_path)])
+        assert stop.value.code == f"error: --out {tmp_path}: another run (pid {holder.pid}) is using this folder; " \
+                                  "wait for it to end, or give another --out"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--out", str(tmp_path)])  # the killed run's file is stale
+    assert len(_records(tmp_path / "metrics.jsonl")) == 1 and (tmp_path / "checkpoint-000001").is_dir()
+
+
+def test_resume_moves_log_lines_of_unsaved_steps_aside_so_each_step_is_logged_once(tmp_path):
+    run = TINY_RUN + ["--eval-every", "0", "--save-every", "2", "--out", str(tmp_path)]
+    main(run + ["--steps", "2"])
+    log = tmp_path / "metrics.jsonl"
+    unsaved = '{"step": 2, "reward": 0.5}\n{"step": 3, "reward": 0.25}\n{"step": 4, "rew'  # killed mid-line
+    log.write_text(log.read_text() + unsaved)
+    main(run + ["--steps", "3", "--resume"])
+    assert [r["step"] for r in _records(log)] == [0, 1, 2] and "reward" in _records(log)[2]
+    assert (tmp_path / "metrics.dropped.jsonl").read_text() == unsaved + "\n"
+
+
+def test_resume_refuses_a_new_seed_or_model_and_applies_a_new_lr(tmp_path, capsys):
+    run = TINY_RUN + ["--eval-every", "0", "--out", str(tmp_path)]
+    main(run + ["--steps", "1", "--lr", "1e-3", "--max-gen-rounds", "2"])
+    for flag, value, before in [("--seed", "1", "0"), ("--model", "Qwen2.5-7B", "tiny")]:
+        with pytest.raises(SystemExit) as stop:
+            main(run + ["--steps", "2", "--resume", flag, value])
+        assert stop.value.code == f"error: {flag} {value}: {tmp_path / 'checkpoint-000001'} was saved by a run with " \
+                                  f"{flag} {before}; a changed {flag} cannot continue it: start a new --out, or drop {flag}"
+    capsys.readouterr()
+    main(run + ["--steps", "2", "--resume", "--lr", "2e-3"])  # --max-gen-rounds not given: the saved 2 continues
+    said = capsys.readouterr().out
+    assert "--resume: --lr 0.002 (the saved run had 0.001): using 0.002, applied to the optimizer" in said
+    assert "--max-gen-rounds" not in said.split("settings:")[0] and "max-gen-rounds       2              resumed" in said
+    state = torch.load(tmp_path / "checkpoint-000002" / "trainer_state.pt", weights_only=True)
+    assert state["scheduler"]["base_lrs"] == [2e-3] and state["optimizer"]["param_groups"][0]["lr"] == 2e-3
+    main(TINY_RUN[2:] + ["--eval-every", "0", "--out", str(tmp_path), "--steps", "3", "--resume"])  # no --model
+    said = capsys.readouterr().out
+    assert "model tiny (zero-shot)" in said and "model                tiny           resumed" in said
+    assert [line for line in said.splitlines() if line.startswith("--resume:")] == [
+        "--resume: --steps 3 (the saved run had 2): using 3"]  # the lr continues, with no note
+    assert json.loads((tmp_path / "checkpoint-000003" / "run_args.json").read_text())["lr"] == 2e-3
 
 
 def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):

@@ -36,7 +36,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import find_checkpoint, resume_state, save_checkpoint, stop_on_signals
+from checkpoints import (find_checkpoint, lock_run, resume_state, save_checkpoint, saved_run_args, stop_on_signals,
+                         trim_metrics)
 from data import (DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, load_corpus_jsonl, load_hotpotqa, load_qa_spec,
                   load_search_r1)
 from dspo import dspo_loss, fill_batch, grpo_loss, group_advantages, token_logprobs
@@ -486,6 +487,46 @@ def start_processes(args) -> tuple[int, int]:
     return world()
 
 
+# What --resume does with a setting that differs from the saved run's. NOT_CARRIED_OVER says what this
+# command does and where, and always takes today's value, silently. Any other setting not given now
+# continues with the saved value. A flag given with a new value: HOW_LONG takes it with a note;
+# REFUSED_ON_RESUME stops (the checkpoint's model is what resume loads; another seed reshuffles the data
+# mid-epoch or, synthetic, builds another world; the optimizer state was saved for the other weight dtype or
+# bf16 rounding; with --eval-only only --model is refused); --lr is applied to the loaded optimizer; every
+# other hyperparameter (template, batch shape, clips, loss, warm-up, ...) takes the new value, printed.
+NOT_CARRIED_OVER = {"out", "resume", "device", "dist_timeout", "eval_only", "baseline", "trust_remote_code"}
+HOW_LONG = {"steps", "max_minutes", "eval_every", "eval_size", "save_every", "keep"}
+REFUSED_ON_RESUME = {"model", "seed", "dtype", "rounding"}
+
+
+def continue_settings(args, saved: dict | None, checkpoint: Path) -> dict[str, str]:
+    """Reconcile args with the settings `checkpoint` was saved with (see REFUSED_ON_RESUME); returns, per
+    flag given with a new value, a line saying which value is used. Effective values are compared, so a
+    flag equal to the saved value (given or from a preset) says nothing."""
+    if saved is None:
+        return {"run_args": f"--resume: {checkpoint} has no run_args.json (an older checkpoint): the flags given "
+                            "now apply"}
+    notes = {}
+    for name, before in saved.items():
+        now = getattr(args, name, before)
+        if name not in args.sources or name in NOT_CARRIED_OVER or now == before:
+            continue
+        flag = f"--{name.replace('_', '-')}"
+        if args.sources[name] != "flag":
+            setattr(args, name, before)
+            args.sources[name] = "resumed"
+        elif name in REFUSED_ON_RESUME and (name == "model" or not args.eval_only) and \
+                (name != "rounding" or args.dtype == "bfloat16"):
+            sys.exit(f"error: {flag} {now}: {checkpoint} was saved by a run with {flag} {before}; a changed {flag} "
+                     f"cannot continue it: start a new --out, or drop {flag}")
+        else:
+            effect = "applied to the optimizer" if name == "lr" else "" if name in HOW_LONG else \
+                "a changed hyperparameter"
+            notes[name] = f"--resume: {flag} {now} (the saved run had {before}): using {now}" + \
+                (f", {effect}" if effect else "")
+    return notes
+
+
 def main(argv=None):
     args = parse_args(argv)  # every flag is checked before anything loads
     check_paths(args)
@@ -493,13 +534,18 @@ def main(argv=None):
     checkpoint = find_checkpoint(out, args.resume) if args.resume else None
     parameters = parameter_count(str(checkpoint or args.model), args.trust_remote_code)
     args = parse_args(argv, parameters, int(os.environ.get("WORLD_SIZE", "1")))
+    changed = continue_settings(args, saved_run_args(checkpoint), checkpoint) if checkpoint else {}
     rank, size = start_processes(args)
     say = tqdm.write if rank == 0 else (lambda *_: None)
+    for line in changed.values():
+        say(line)
     say(settings_table(args, parameters, size))
     check_fit(args, parameters, size, device_bytes(args.device, size))
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # the one process that writes to --out
+        lock_run(out)
 
     model, tokenizer = load_model(str(checkpoint or args.model), args.dtype, args.device, args.trust_remote_code)
     if args.grad_checkpointing:
@@ -536,7 +582,12 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / (args.warmup + 1)))
     start, data_state = 0, {"epoch": 0, "position": 0}
     if checkpoint:
-        start, data_state = resume_state(checkpoint, model, optimizer, scheduler)
+        start, data_state = resume_state(checkpoint, model, optimizer, scheduler,
+                                         args.lr if "lr" in changed else None)
+        dropped = trim_metrics(out / "metrics.jsonl", start) if rank == 0 else 0
+        if dropped:
+            say(f"metrics.jsonl: {dropped} line(s) from step {start} on moved to metrics.dropped.jsonl (they are "
+                "written again)")
         say(f"resumed from {checkpoint} at step {start}")
 
     serial = [0]  # makes group ids unique even if a question comes back; reset from the step (resume)
@@ -591,7 +642,8 @@ def main(argv=None):
             spent = time.perf_counter() - loop_began
             out_of_time = all_reduce(int(bool(args.max_minutes) and spent >= 60 * args.max_minutes), "max") > 0
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps or stopping or out_of_time:
-                save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler, data_state, args.keep)
+                save_checkpoint(out, step + 1, model, tokenizer, optimizer, scheduler, data_state, args.keep,
+                                {name: getattr(args, name) for name in args.sources})
             if stopping:
                 say(f"stopped by signal after step {step}; checkpoint saved, resume with --resume")
                 break
