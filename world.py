@@ -8,8 +8,8 @@ searches. Everything is drawn from one seeded random.Random, so a seed gives the
 
 The default passage is its facts alone. SmolLM2-135M, the demo's model, answers with a random entity of a
 long passage and almost never searches a second time after reading one, so with distractors it gets almost no
-2-hop question right and DSPO has nothing to reinforce; `python probe.py [--distractors]` measures both (README,
-"Why the passages are short"). Questions and answers are the same either way.
+2-hop question right and DSPO has nothing to reinforce; `python -m tools.probe [--distractors]` measures both
+(results/README.md keeps the runs). Questions and answers are the same either way.
 
 Left out: distractor passages beyond the other entities, questions of more than two hops, and paraphrased
 questions (each relation has one wording).

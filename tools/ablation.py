@@ -1,7 +1,7 @@
 """The paper's ablation in miniature: DSPO, DSPO without the filter, and token-level GRPO, at equal wall time.
 
-    python ablation.py                                 # 3 methods x 2 seeds x 12 minutes, one after another
-    python ablation.py --minutes 6 -- --lr 1e-5        # flags after -- go to every train.py run
+    python -m tools.ablation                                 # 3 methods x 2 seeds, one after another
+    python -m tools.ablation --minutes 6 -- --lr 1e-5        # flags after -- go to every train.py run
 
 Each run is `python train.py <flags> --seed S --max-minutes M` in its own process, so every method gets the
 same training-loop wall time and the same seeds (a seed fixes the synthetic world, the held-out questions
@@ -38,8 +38,8 @@ def finished(run: Path) -> bool:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--minutes", type=float, default=12, help="training-loop wall time of every run (12: "
-                        "the default train.py run's 10 steps with their evaluations, on 2 CPU cores)")
+    parser.add_argument("--minutes", type=float, default=12, help="training-loop wall time of every run (about "
+                        "what the default train.py run's steps and evaluations take on a 2-core laptop)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds, each run for every method")
     parser.add_argument("--eval-every", type=int, default=5, help="train.py --eval-every for every run")
     parser.add_argument("--out", default="runs/ablation", help="folder for the runs, ablation.png and ablation.md")
@@ -60,12 +60,13 @@ def main(argv=None) -> dict:
                        "--max-minutes", str(args.minutes), "--eval-every", str(args.eval_every), "--out", str(run)]
             print(f"{datetime.datetime.now():%H:%M} {' '.join(command)}", flush=True)
             shutil.rmtree(run, ignore_errors=True)  # an interrupted run starts again from nothing, for equal time
-            subprocess.run(command, check=True, cwd=Path(__file__).parent)
+            subprocess.run(command, check=True, cwd=Path(__file__).resolve().parent.parent)
 
-    import plot  # matplotlib is needed only here, at the end
+    from tools import plot  # matplotlib is needed only here, at the end
     figure = plot.plot_runs(runs, out / "ablation.png", x="time")
     table = plot.table(runs)
-    header = (f"`python ablation.py --minutes {args.minutes:g} --seeds {args.seeds} --eval-every {args.eval_every}"
+    header = (f"`python -m tools.ablation --minutes {args.minutes:g} --seeds {args.seeds} "
+              f"--eval-every {args.eval_every}"
               + (f" -- {' '.join(extra)}" if extra else "") + f"`, {datetime.date.today()}\n\n")
     (out / "ablation.md").write_text(header + table + "\n")
     print(header + table)

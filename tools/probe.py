@@ -10,8 +10,8 @@ questions of each source with train.py's rollout settings and reports, per sourc
     informative       fraction of groups whose rewards are not all equal (what the filter keeps)
     truncated         fraction that ran out of a token budget
 
-    python probe.py                                   # the demo's world and settings
-    python probe.py --distractors                     # the same, passages with their distractor sentences
+    python -m tools.probe                                   # the demo's world and settings
+    python -m tools.probe --distractors                     # the same, passages with their distractor sentences
 
 Any train.py flag is accepted (--temperature, --topk, --max-turn-tokens, --model, ...).
 Left out: other datasets than the synthetic world, and greedy decoding (train.py --eval-only does that).
@@ -22,23 +22,26 @@ import time
 import numpy as np
 import torch
 
-from evaluate import generate_episodes
+from dspo import informative
 from models import load_model
-from rollout import EXAMPLE_NAMES
+from prompts import EXAMPLE_NAMES
+from reward import score_episodes
+from rollout import RolloutSettings, generate_episodes
 from search import BM25Index
-from train import parse_args
+from train import parse_args, settings_for
 from world import synthetic_world
 
 
-def probe(model, tokenizer, index, questions, args, template: str = "few-shot") -> dict:
-    """The numbers above for one list of questions, each sampled args.group_size times."""
-    examples = [q for q in questions for _ in range(args.group_size)]
+def probe(model, tokenizer, index, questions, settings: RolloutSettings, group_size: int) -> dict:
+    """The numbers above for one list of questions, each sampled `group_size` times."""
+    examples = [q for q in questions for _ in range(group_size)]
     group_ids = [f"{q.id}#probe" for q in examples]
-    episodes = generate_episodes(model, tokenizer, index, examples, group_ids, args, template, desc="probe")
-    rewards = np.array([e.reward for e in episodes]).reshape(len(questions), args.group_size)
+    episodes = generate_episodes(model, tokenizer, index, examples, group_ids, settings, desc="probe")
+    score_episodes(episodes, examples)
+    rewards = np.array([e.reward for e in episodes]).reshape(len(questions), group_size)
     return {"questions": len(questions), "trajectories": len(episodes), "correct": float(rewards.mean()),
             "2+ searches": float(np.mean([e.valid_searches >= 2 for e in episodes])),
-            "informative": float(np.mean(rewards.min(1) != rewards.max(1))),
+            "informative": float(np.mean([informative(group) for group in rewards])),
             "truncated": float(np.mean([e.truncated for e in episodes]))}
 
 
@@ -57,7 +60,7 @@ def main(argv=None):
     for source in sorted({q.source for q in world.train}):
         questions = [q for q in world.train if q.source == source][:own.questions]
         began = time.perf_counter()
-        row = probe(model, tokenizer, index, questions, args, args.template)
+        row = probe(model, tokenizer, index, questions, settings_for(RolloutSettings, args), args.group_size)
         print(f"| {source} | {row['questions']} | {row['trajectories']} | {row['correct']:.2f} | "
               f"{row['2+ searches']:.2f} | {row['informative']:.2f} | {row['truncated']:.2f} | "
               f"{time.perf_counter() - began:.0f} |", flush=True)

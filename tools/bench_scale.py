@@ -1,11 +1,11 @@
 """Memory and speed of one DSPO step at real model sizes, with random weights (no downloads).
 
-    python bench_scale.py --model random:Qwen2.5-7B --dtype bfloat16 --rounding kahan
-    python bench_scale.py --model random:Qwen2.5-1.5B --dtype float32 --amp
+    python -m tools.bench_scale --model random:Qwen2.5-7B --dtype bfloat16 --rounding kahan
+    python -m tools.bench_scale --model random:Qwen2.5-1.5B --dtype float32 --amp
 
 One process, one device: build the model, roll out --questions x --group-size trajectories with train.py's
-rollout (evaluate.generate_episodes), give each group rewards 1/0 so every trajectory has an advantage, run
-train.py's update() once, then roll out again with the optimizer state in memory (the steady state of
+rollout (rollout.generate_episodes), give each group rewards 1/0 so every trajectory has an advantage, run
+update.py's update() once, then roll out again with the optimizer state in memory (the steady state of
 training). Reported: generated tokens per second of that second rollout, trajectory tokens per second of
 the update (old log-probs plus --mini-batches optimizer steps), and the device's peak allocated memory in
 each phase, as one JSON line (appended to --out when given).
@@ -23,10 +23,12 @@ import time
 import torch
 
 from dspo import group_advantages
-from evaluate import generate_episodes
-from models import checkpoint_activations, load_model, make_optimizer
+from models import checkpoint_activations, load_model
+from optimizer import make_optimizer
+from rollout import RolloutSettings, generate_episodes
 from search import BM25Index
-from train import autocast, parse_args, update
+from train import parse_args, settings_for
+from update import UpdateSettings, autocast, update
 from world import synthetic_world
 
 GIB = 1 << 30
@@ -74,12 +76,13 @@ def main(argv=None) -> dict:
     questions = world.train[:known.questions]
     examples = [q for q in questions for _ in range(known.group_size)]
     group_ids = [f"{q.id}#{i}" for i, q in enumerate(questions) for _ in range(known.group_size)]
+    sampling = settings_for(RolloutSettings, args)
 
     def timed_rollout():
         reset_peak(device)
         began = time.perf_counter()
-        with autocast(args):
-            episodes = generate_episodes(model, tokenizer, index, examples, group_ids, args, args.template)
+        with autocast(torch.device(device).type, args.amp):
+            episodes = generate_episodes(model, tokenizer, index, examples, group_ids, sampling)
         synchronize(device)
         return episodes, time.perf_counter() - began, peak_gib(device)
 
@@ -89,7 +92,8 @@ def main(argv=None) -> dict:
     advantages = group_advantages(torch.tensor([e.reward for e in episodes]), [e.group_id for e in episodes])
     reset_peak(device)
     began = time.perf_counter()
-    metrics = update(model, optimizer, scheduler, episodes, advantages, args, tokenizer.pad_token_id)
+    metrics = update(model, optimizer, scheduler, episodes, advantages, settings_for(UpdateSettings, args),
+                     tokenizer.pad_token_id)
     synchronize(device)
     update_s = time.perf_counter() - began
     update_peak = peak_gib(device)

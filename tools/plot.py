@@ -1,8 +1,8 @@
 """Look at a run: metrics.jsonl as one PNG, or several runs (seeds grouped by a label) on shared axes.
 
-    python plot.py runs/dspo                          # -> runs/dspo/metrics.png
-    python plot.py runs/dspo/metrics.jsonl --x time --out dspo.png
-    python plot.py --compare dspo=runs/a,runs/b grpo=runs/c,runs/d --out ablation.png   # also prints a table
+    python -m tools.plot runs/dspo                          # -> runs/dspo/metrics.png
+    python -m tools.plot runs/dspo/metrics.jsonl --x time --out dspo.png
+    python -m tools.plot --compare dspo=runs/a,runs/b grpo=runs/c,runs/d --out ablation.png   # also prints a table
 
 Each line of metrics.jsonl is one step of train.py. A step number written twice (a run resumed from a
 checkpoint older than its last line) is one step: the lines are merged in file order, the later value

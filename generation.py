@@ -1,0 +1,200 @@
+"""One turn of generation for a batch of episodes: HF generate() with the exact sampler, per-row stop tags, and
+the KV cache carried from turn to turn.
+
+rollout.py calls generate_turn() once per turn. What happens underneath:
+- The sampler is softmax(logits / temperature) over the whole vocabulary, built from a blank config, so a
+  checkpoint's generation_config.json (top-k, top-p, repetition penalty) cannot change it: pi_old must be
+  the distribution dspo.token_logprobs scores.
+- Each row stops at its first end-of-turn token or completed stop tag (StopAtTags); the batch runs until
+  the last row stops, and tokens a row samples after its stop are cut.
+- The prompt prefix all episodes share (instruction and worked examples) is encoded once (prefix_cache)
+  and its KV cache copied into the first turn. Each later turn continues from the cache the last turn's
+  generate() returned, less finished episodes, and encodes per row only its last sampled token and
+  [left padding | observation]. Padding and tokens after a stop stay in the cache, masked out; positions
+  count only attended tokens, so the model sees what re-encoding the unpadded episode would show it.
+
+Left out: speculative decoding, paged attention, and continuous batching (a row that finishes early idles
+until its batch's turn ends).
+"""
+import copy
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+
+class StopAtTags(StoppingCriteria):
+    """Stops each row at its first end-of-turn token or completed stop tag; records where."""
+
+    def __init__(self, tokenizer, stop_strings: list[str], eos_ids: set[int], prompt_width: int):
+        self.tokenizer, self.stop_strings, self.eos_ids = tokenizer, stop_strings, eos_ids
+        self.prompt_width = prompt_width
+        self.window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in stop_strings) + 2
+        self.stop_at = None  # [B] index of the last kept new token, -1 while running
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[:, self.prompt_width:]
+        step = new.shape[1] - 1
+        if self.stop_at is None:
+            self.stop_at = torch.full((new.shape[0],), -1, dtype=torch.long)
+        for row in (self.stop_at < 0).nonzero().flatten().tolist():
+            tail = self.tokenizer.decode(new[row, max(0, step - self.window):])
+            if int(new[row, -1]) in self.eos_ids or any(s in tail for s in self.stop_strings):
+                self.stop_at[row] = step
+        return (self.stop_at >= 0).to(input_ids.device)
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return {i for i in ids if i is not None}
+
+
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """Length of the longest common prefix, kept one token short of the shortest sequence."""
+    shortest = min(len(s) for s in sequences)
+    length = 0
+    while length < shortest - 1 and all(s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return length
+
+
+def prefix_cache(model, prefix: list[int]):
+    """KV cache of the shared prompt prefix, batch 1. Every episode's first turn (every turn without
+    reuse_cache) starts from it, so the few-shot history is encoded once per rollout, not per episode."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([prefix], device=device), use_cache=True)[cache_keyword(model)]
+
+
+def cache_keyword(model) -> str:
+    """Newer transformers name the KV cache `cache`, older ones `past_key_values`; accept both."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@dataclass
+class TurnCache:
+    """Each row's tokens so far and their KV cache. A row's attended tokens are its episode, in order."""
+    episodes: list[int]           # [A] the episode of each row
+    input_ids: torch.Tensor       # [A, T] every token fed or sampled
+    attention_mask: torch.Tensor  # [A, T] 0 on padding and on tokens sampled after a row's stop
+    cache: object                 # KV cache of the first columns of input_ids (None: of none); generate() adds the rest
+
+
+def prefix_turn(active: list[int], prefix: list[int], cache) -> TurnCache:
+    """Every active row holding just the shared prefix (maybe empty), its batch-1 `cache` expanded to all."""
+    input_ids = torch.tensor([prefix], dtype=torch.long).expand(len(active), -1)  # [A, P]
+    if cache is not None:
+        # generate() appends to the cache it is given, so each call works on its own expanded copy.
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(len(active))
+    return TurnCache(active, input_ids, torch.ones_like(input_ids), cache)
+
+
+def extend(previous: TurnCache, active: list[int], sequences, pad_id) -> TurnCache:
+    """`previous` cut to the `active` episodes, each row extended by what its episode gained since (the
+    prompt after the prefix, or the last turn's observation): [previous | left padding | new tokens]."""
+    rows = torch.tensor([previous.episodes.index(i) for i in active])
+    if previous.cache is not None and len(active) < len(previous.episodes):
+        previous.cache.batch_select_indices(rows)  # in place: finished episodes leave the cache
+    old_ids, old_mask = previous.input_ids[rows], previous.attention_mask[rows]  # [A, T]
+    known = [ids[mask.bool()].tolist() for ids, mask in zip(old_ids, old_mask)]  # each episode so far
+    assert all(k == s[:len(k)] for k, s in zip(known, sequences)), "rows out of step with their episodes"
+    new = [torch.tensor(s[len(k):], dtype=torch.long) for k, s in zip(known, sequences)]
+    new_ids = pad_sequence(new, batch_first=True, padding_value=pad_id, padding_side="left")  # [A, N]
+    new_mask = pad_sequence([torch.ones_like(t) for t in new], batch_first=True, padding_side="left")
+    # generate() derives positions from attention_mask.cumsum(-1) - 1, so masked holes (padding, tokens
+    # after a stop) give every attended token the position it has in the unpadded episode.
+    return TurnCache(active, torch.cat([old_ids, new_ids], 1), torch.cat([old_mask, new_mask], 1), previous.cache)
+
+
+def sampler_config(max_new_tokens: int, greedy: bool, temperature: float, pad_id: int, eos_ids: set[int]):
+    """The sampler, built from scratch: softmax(logits / temperature) over the whole vocabulary (greedy: its
+    argmax), exactly the distribution dspo.token_logprobs scores. No top-k, top-p, min-p, typical-p,
+    repetition or n-gram penalty: any of them would make pi_old differ from the policy that sampled."""
+    neutral = dict(top_k=0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
+                   repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                   length_penalty=1.0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
+                   forced_bos_token_id=None, forced_eos_token_id=None, min_length=0, min_new_tokens=None,
+                   num_beams=1, renormalize_logits=False)
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=1.0 if greedy else
+                            temperature, pad_token_id=pad_id, eos_token_id=sorted(eos_ids),
+                            return_dict_in_generate=True, **neutral)
+
+
+def generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strings, eos_ids, pad_id, greedy,
+                   temperature) -> tuple[list[tuple[list[int], bool]], TurnCache]:
+    """One batched generate call that encodes what `state.cache` lacks of `state.input_ids`, then samples.
+    Returns each row's new tokens cut at its stop and whether it stopped, and the state after it."""
+    width = state.input_ids.shape[1]
+    stopper = StopAtTags(tokenizer, stop_strings, eos_ids, width)
+    config = sampler_config(max_new_tokens, greedy, temperature, pad_id, eos_ids)
+    device = next(model.parameters()).device
+    kwargs = {cache_keyword(model): state.cache} if state.cache is not None else {}
+    # generate() fills every setting the config leaves unset from model.generation_config, which a checkpoint's
+    # generation_config.json sets (Qwen2.5-Instruct: repetition_penalty, top_k, top_p, temperature, do_sample):
+    # a blank one stands in for the call, so nothing is inherited. synced_gpus=False: the parameters are
+    # gathered, so ranks that run different numbers of turns and tokens must not wait for each other (the
+    # default under FSDP keeps every rank decoding until all ranks finish each call, which deadlocks).
+    shipped = getattr(model, "generation_config", None)
+    if shipped is not None:
+        model.generation_config = GenerationConfig()
+    try:
+        with torch.no_grad():
+            out = model.generate(input_ids=state.input_ids.to(device), attention_mask=state.attention_mask.to(device),
+                                 generation_config=config, stopping_criteria=StoppingCriteriaList([stopper]),
+                                 synced_gpus=False, **kwargs)
+    finally:
+        if shipped is not None:
+            model.generation_config = shipped
+    sequences = out.sequences.cpu()  # [A, T + L]
+    new = sequences[:, width:]  # [A, L]
+    stop_at = stopper.stop_at if stopper.stop_at is not None else torch.full((len(new),), -1)
+    # Each row keeps its tokens up to its stop; one that never stopped ran out of its budget and keeps all.
+    kept = torch.where(stop_at >= 0, stop_at + 1, new.shape[1])  # [A]
+    turns = [(new[row, :int(n)].tolist(), bool(stop_at[row] >= 0)) for row, n in enumerate(kept)]
+    # A row that stopped early was fed padding until the last row stopped: cached, but masked from now on.
+    new_mask = (torch.arange(new.shape[1]) < kept[:, None]).long()  # [A, L]
+    return turns, TurnCache(state.episodes, sequences, torch.cat([state.attention_mask, new_mask], 1),
+                            getattr(out, cache_keyword(model), None))
+
+
+class TurnDecoder:
+    """Generates a rollout's turns one at a time and keeps what can be reused between them: the KV cache of
+    the prompts' shared prefix (share_prefix) and each row's KV cache from its last turn (reuse_cache).
+    Neither changes a token (up to float rounding); both only save prefill time. `seconds` adds up where the
+    time went: "prefix" (encoding the shared prefix) and "generate" (turn setup and generate())."""
+
+    def __init__(self, model, tokenizer, share_prefix: bool = True, reuse_cache: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.share_prefix, self.reuse_cache = share_prefix, reuse_cache
+        self.eos_ids = end_of_turn_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.seconds = {"prefix": 0.0, "generate": 0.0}
+
+    def start(self, prompts: list[list[int]]) -> None:
+        """A new rollout of `prompts`: encode their shared prefix once, forget the last rollout's rows."""
+        began = time.perf_counter()
+        self.prefix = prompts[0][:shared_prefix_length(prompts)] if self.share_prefix else []
+        self.prefix_kv = prefix_cache(self.model, self.prefix) if self.prefix else None
+        self.state = None  # the last turn's rows, tokens and KV cache (kept with reuse_cache)
+        self.seconds["prefix"] += time.perf_counter() - began
+
+    def turn(self, active: list[int], sequences: list[list[int]], max_new_tokens: int, stop_strings: list[str],
+             greedy: bool, temperature: float) -> list[tuple[list[int], bool]]:
+        """One turn for the `active` episodes, whose token ids so far are `sequences`: each row's new tokens,
+        cut at its stop, and whether it stopped. Without reuse_cache every turn starts over from the prefix
+        and re-encodes the episode so far."""
+        began = time.perf_counter()
+        state = self.state if self.state is not None else prefix_turn(active, self.prefix, self.prefix_kv)
+        state = extend(state, active, sequences, self.pad_id)
+        turns, state = generate_turn(self.model, self.tokenizer, state, max_new_tokens, stop_strings, self.eos_ids,
+                                     self.pad_id, greedy, temperature)
+        self.state = state if self.reuse_cache else None  # frees this turn's KV cache before the next is built
+        self.seconds["generate"] += time.perf_counter() - began
+        return turns

@@ -1,0 +1,153 @@
+"""The policy update: one batch of scored episodes -> old log-probs -> mini-batches of clipped-loss steps.
+
+    pi_old   log-probs of the policy that sampled the batch, scored once before the first optimizer step
+             (the first mini-batch is on-policy: its pi_old is its own forward, detached)
+    for each of M mini-batches (a shuffle of the batch split M ways):
+        for each micro-batch (rows and padded tokens capped, longest first): loss (dspo.py) and backward,
+            weighted so the step's loss is the mean over the mini-batch's trajectories
+        clip the gradient norm, one optimizer step (skipped if the gradient is not finite)
+
+Later mini-batches are off-policy, which is what the clip is for. Under torchrun each rank takes every W-th
+trajectory of a mini-batch and FSDP2 averages gradients over ranks. Left out: gradient accumulation across
+batches, a value function, a KL penalty.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from distributed import all_reduce, gathered, rank_and_size
+from dspo import dspo_loss, grpo_loss, token_logprobs
+from generation import shared_prefix_length
+from rollout import collate
+
+
+@dataclass
+class UpdateSettings:
+    """What the update needs to know (train.py fills it from its flags)."""
+    loss: str                 # "dspo" (sequence-level) or "grpo" (token-level)
+    clip_low: float           # DSPO: s_i is clipped below at 1 - clip_low
+    clip_high: float          # DSPO: s_i is clipped above at 1 + clip_high
+    grpo_clip: float          # GRPO: per-token ratio clip
+    mini_batches: int         # optimizer steps per batch
+    micro_batch: int          # trajectories per forward/backward
+    micro_batch_tokens: int   # cap on a micro-batch's padded tokens (0: none)
+    grad_clip: float          # max gradient norm
+    temperature: float        # the sampling temperature: log-probs are taken at it
+    amp: bool                 # bf16 autocast over fp32 weights
+    grad_checkpointing: bool  # recompute activations in the backward pass
+    seed: int                 # seeds the shuffle, with the step
+
+
+def micro_batches(rows: list[int], lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Split rows into micro-batches of at most max_rows rows and (when max_tokens > 0) at most max_tokens
+    padded tokens, longest first so each micro-batch pads little."""
+    batches = []
+    for row in sorted(rows, key=lambda r: -lengths[r]):
+        if batches and len(batches[-1]) < max_rows and \
+                (not max_tokens or (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens):
+            batches[-1].append(row)
+        else:
+            batches.append([row])
+    return batches
+
+
+def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSettings, pad_id: int,
+           step: int = 0) -> dict:
+    """Old log-probs once (for the off-policy mini-batches), then settings.mini_batches optimizer steps
+    (micro-batched) on a shuffled batch. Returns the step's metrics (means over its optimizer steps).
+
+    With W ranks each takes every W-th trajectory of a mini-batch; FSDP2 averages gradients over ranks, so
+    a trajectory's loss is weighted W / (mini-batch size) and the step equals one process's. Every rank
+    runs the same number of forward/backward passes (a rank short of work repeats one with weight 0),
+    because each pass gathers parameters collectively.
+
+    An episode without model tokens (sum(loss_mask) == 0: a prompt that alone fills the context, kept when
+    the filter is off) has no log-prob the loss could move. It is left out before the shuffle, so it gets no
+    forward pass and no place in the mean's denominator: the step is exactly the step on the other episodes,
+    and `episodes_without_model_tokens` counts what was left out. Every rank holds every episode, so all
+    leave out the same ones; a batch with nothing else takes no optimizer step.
+    """
+    rank, size = rank_and_size()
+    device = next(model.parameters()).device
+    with_tokens = [i for i, e in enumerate(episodes) if any(e.loss_mask)]
+    without_tokens = len(episodes) - len(with_tokens)
+    if without_tokens:
+        episodes, advantages = [episodes[i] for i in with_tokens], advantages[with_tokens]
+    if not episodes:
+        return {"episodes_without_model_tokens": without_tokens, "skipped": 1, "skipped_optimizer_steps": 0}
+    # The same shuffle on every rank, and the same after a resume.
+    order = torch.randperm(len(episodes), generator=torch.Generator().manual_seed(settings.seed * 100003 + step))
+    lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes]
+    share_prefix = size == 1 and not settings.grad_checkpointing
+    plan = []  # per mini-batch: [(episode indices, weight)], the same count on every rank
+    for chunk in np.array_split(order.tolist(), min(settings.mini_batches, len(order))):
+        mine = micro_batches(chunk.tolist()[rank::size], lengths, settings.micro_batch,
+                             settings.micro_batch_tokens)
+        mine = [(rows, size * len(rows) / len(chunk)) for rows in mine]
+        count = all_reduce(len(mine), "max")
+        mine += [([chunk[0]], 0.0)] * (count - len(mine))
+        plan.append(mine)
+
+    def batch(rows):
+        tensors = [t.to(device) for t in collate([episodes[i] for i in rows], pad_id)]
+        # The prefix pass needs a KV cache, which checkpointed layers do not return; and with several ranks
+        # every pass must be one forward per module.
+        prefix_len = shared_prefix_length([episodes[i].prompt_ids for i in rows]) if share_prefix else 0
+        return (*tensors, advantages[rows].to(device), prefix_len)
+
+    def logprobs(rows):  # logits only where the loss reads: the model's own tokens
+        input_ids, attention_mask, loss_mask, _, prefix_len = batch(rows)
+        return token_logprobs(model, input_ids, attention_mask, settings.temperature, prefix_len, loss_mask)
+
+    with torch.no_grad(), gathered(model), autocast(device.type, settings.amp):
+        # pi_old, the policy that sampled this batch: [rows, T-1] per micro-batch, scored before the first
+        # optimizer step. The first mini-batch is on-policy, so its pi_old is its own forward's log-probs,
+        # detached (None here), and needs no pass of its own.
+        old_logps = [[None] * len(plan[0])] + [[logprobs(rows) for rows, _ in mine] for mine in plan[1:]]
+
+    sums, steps, skipped, ratio_min, ratio_max = {}, 0, 0, math.inf, -math.inf
+    model.train(settings.grad_checkpointing)  # HF checkpoints layers only in train mode; dropout is off anyway
+    for mine, old in tqdm(list(zip(plan, old_logps)), desc="update", leave=False, dynamic_ncols=True,
+                          disable=rank != 0):
+        optimizer.zero_grad(set_to_none=True)
+        for (rows, weight), old_logp in zip(mine, old):
+            input_ids, attention_mask, loss_mask, adv, prefix_len = batch(rows)
+            with autocast(device.type, settings.amp):
+                logp = token_logprobs(model, input_ids, attention_mask, settings.temperature, prefix_len,
+                                      loss_mask)
+            old_logp = logp.detach() if old_logp is None else old_logp
+            if settings.loss == "dspo":
+                loss, metrics = dspo_loss(logp, old_logp, loss_mask, adv, settings.clip_low, settings.clip_high)
+            else:
+                loss, metrics = grpo_loss(logp, old_logp, loss_mask, adv, settings.grpo_clip)
+            # The objective is a mean over the mini-batch's trajectories, accumulated micro-batch by micro-batch.
+            (loss * weight).backward()
+            low, high = metrics.pop("ratio/min"), metrics.pop("ratio/max")
+            if weight:
+                ratio_min, ratio_max = min(ratio_min, low), max(ratio_max, high)
+            for key, value in dict(metrics, loss=loss.item()).items():  # every rank has every key
+                sums[key] = sums.get(key, 0.0) + value * weight / size
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm / size
+        if math.isfinite(grad_norm):
+            optimizer.step()
+            scheduler.step()
+        else:  # a NaN/inf gradient would poison the weights: drop this step, keep going
+            skipped += 1
+        steps += 1
+    model.eval()
+    optimizer.zero_grad(set_to_none=True)
+    sums = all_reduce(sums, "sum")
+    result = {f"{k}_mean" if k.startswith("clip_ratio") else k: v / steps for k, v in sums.items()}
+    result.update({"ratio/min": -all_reduce(-ratio_min, "max"), "ratio/max": all_reduce(ratio_max, "max"),
+                   "skipped_optimizer_steps": skipped, "episodes_without_model_tokens": without_tokens})
+    return result
+
+
+def autocast(device_type: str, amp: bool):
+    """bf16 compute for amp on one device; on many, FSDP2's mixed-precision policy does it."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp and rank_and_size()[1] == 1)
