@@ -157,10 +157,11 @@ def load_qa_jsonl(path, source: str | None = None) -> list[QAExample]:
     return examples
 
 
-def load_corpus_jsonl(path) -> list[str]:
-    """Read passages as "Title\\ntext" from wiki-18 lines (id, contents) or plain lines (title, text), from a
-    .jsonl or .jsonl.gz file, with a progress bar of bytes read (wiki-18 is 13 GB unpacked)."""
-    passages = []
+def iter_corpus_jsonl(path):
+    """Yield passages as "Title\ntext" from wiki-18 lines (id, contents) or plain lines (title, text), from a
+    .jsonl or .jsonl.gz file, one at a time (wiki-18 is 13 GB unpacked), with a progress bar of bytes read.
+    A file without a single passage raises DataError at its end."""
+    count = 0
     for line_no, record in _jsonl_objects(path, progress=f"reading {Path(path).name}"):
         if isinstance(record.get("contents"), str):
             title, _, text = record["contents"].partition("\n")
@@ -171,10 +172,15 @@ def load_corpus_jsonl(path) -> list[str]:
             title, text = record["title"].strip(), record["text"]
         else:
             raise DataError(f"{path}:{line_no}: expected string field 'contents', or 'title' and 'text'")
-        passages.append(f"{title}\n{text.strip()}")
-    if not passages:
+        count += 1
+        yield f"{title}\n{text.strip()}"
+    if not count:
         raise DataError(f"{path}: empty corpus")
-    return passages
+
+
+def load_corpus_jsonl(path) -> list[str]:
+    """Every passage of a corpus file (iter_corpus_jsonl), as a list."""
+    return list(iter_corpus_jsonl(path))
 
 
 # --- Downloads -------------------------------------------------------------------------------------

