@@ -7,32 +7,47 @@ The search tool the policy learns to call is plain lexical retrieval over passag
     idf(t)      = log(N - n(t) + 0.5) - log(n(t) + 0.5)
 
 with N passages, n(t) of them containing t, and avgdl the mean passage length in tokens. The semantics are
-exactly those of rank-bm25 0.2.2's `BM25Okapi`, so scores agree with `get_scores` to float64 rounding:
-a term in more than half the passages would get a negative idf and is floored at epsilon * (mean idf over the
-vocabulary); a repeated query term counts once per occurrence; an unknown term contributes 0; every passage
-gets a score, 0 included (a passage with no indexable word scores 0). A corpus with no indexable word at
-all is refused: its avgdl and mean idf would be 0 / 0.
+exactly those of rank-bm25 0.2.2's `BM25Okapi`, so scores agree with `get_scores` bit for bit: a term in more
+than half the passages would get a negative idf and is floored at epsilon * (mean idf over the vocabulary); a
+repeated query term counts once per occurrence; an unknown term contributes 0; every passage gets a score, 0
+included. A corpus with no indexable word at all is refused: its avgdl and mean idf would be 0 / 0.
 
-Everything that does not depend on the query is paid for once at build time: each (term, passage) posting
-stores its whole BM25 term weight in a CSR layout (term -> a slice of passage ids and weights), so a query is
-a scatter-add of its terms' postings into a score row, followed by an O(N) top-k selection. A batch of queries
-shares that row; its cost is the postings it touches plus O(N) a query, with no per-passage Python work.
+Layout, sized for wiki-18 (21M passages) on one host. Postings are grouped by term (CSR: term -> a slice of
+passage ids and term frequencies). A posting keeps its tf (one byte) rather than its weight: the weight is
+recomputed at query time from tf, the term's idf and the passage's length norm k1 * (1 - b + b * |d| / avgdl),
+in rank-bm25's own operation order, so it costs 5 bytes instead of 12 and scores stay exact. The vocabulary is
+no dict of strings but the terms' UTF-8 bytes back to back plus the term ids in byte order, so a lookup is a
+binary search. A query is a scatter-add of its terms' weights into a score row, then a top-k selection among
+the passages it scored when they are few (rare terms), else over the whole row.
 
-The index keeps 12 bytes a posting (an int32 passage id and a float64 weight) plus its vocabulary, so
-`estimate_index_bytes` can size it from a sample of passages before any of it is built: postings from the
-mean number of distinct terms a passage, vocabulary from Heaps' law V = K * T^beta fitted on the sample.
+On disk, `save` writes each array as .npy and the passages as one UTF-8 blob; `load` maps them, so loading
+takes milliseconds at any size, the processes of a host share one copy in the page cache, and a passage is
+decoded only when a hit asks for it. `build_index` streams passages into that layout (texts to the blob,
+postings spilled per chunk, then placed by term), and `cached_index` keys a folder by the corpus file's size
+and sha256, the BM25 parameters and the tokeniser, with a file lock so one process of a host builds while
+the others wait and then map it. `BM25Index(texts)` builds the same arrays in memory for small corpora.
 
-Left out: stemming, phrase and proximity queries, dense retrievers and rerankers, an on-disk index (the whole
-index lives in memory), and sharding across processes.
+Left out: stemming, phrase and proximity queries, dense retrievers and rerankers, sharing one index across
+hosts (each host builds or copies its own folder), and compressing postings below 5 bytes.
 """
+import bisect
+import fcntl
+import hashlib
+import json
 import math
+import os
 import random
 import re
+import shutil
+import socket
 import sys
 from collections import defaultdict
-from itertools import chain
+from itertools import chain, islice
+from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
+from tqdm import tqdm
 
 # Question words and glue; dropping them keeps "who was the director of X" from matching every passage.
 STOPWORDS = frozenset("""
@@ -42,7 +57,12 @@ it its this that these those what which who whom whose where when why how did do
 WORD = re.compile(r"\w+")  # unicode-aware on str: letters, digits and underscore of any script
 
 BUILD_CHUNK = 10_000  # passages tokenised at a time, so the token strings of a corpus never all live at once
-DICT_SLOT_BYTES = 30  # a dict entry's share of the hash table, measured 21-38 bytes on CPython 3.11
+QUERY_BLOCK = 1 << 16  # postings weighed at a time: the temporaries stay in cache and small at any df
+SEPARATOR = " A "  # joins a chunk's lowercased passages: a word of its own that no lowercased text holds
+RESERVED = [*sorted(STOPWORDS), SEPARATOR.strip()]  # fixed ids below the terms', never indexed; separator last
+FORMAT = 1  # on-disk layout version; part of the cache key, so bump it whenever the layout changes
+# The index's arrays, saved one .npy each; texts.bin (the passages' UTF-8 bytes) is saved raw beside them.
+ARRAYS = ("indptr", "doc_ids", "tf", "idf", "norm", "term_bytes", "term_offsets", "term_order", "text_offsets")
 
 
 def tokenize(text: str) -> list[str]:
@@ -50,64 +70,120 @@ def tokenize(text: str) -> list[str]:
     return [word for word in WORD.findall(text.lower()) if word not in STOPWORDS]
 
 
+class Passages:
+    """A read-only list of passages kept as UTF-8 bytes back to back (`blob`, bytes offsets[i]:offsets[i + 1]
+    are passage i); a passage is decoded when indexed, so a memory-mapped corpus costs nothing until read."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+        self.blob, self.offsets = blob, offsets                            # [bytes] uint8, [N + 1] int64
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"passage {i} of {len(self)}")
+        i %= len(self)
+        # surrogatepass: JSON may carry lone surrogates, and they must come back as they went in
+        return self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogatepass")
+
+
+class Vocabulary:
+    """Term -> term id without a dict: term i is bytes offsets[i]:offsets[i + 1] of `blob` (UTF-8), and
+    `order` lists the ids in byte order of their terms, so a lookup is a binary search of log2(V) steps."""
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray, order: np.ndarray):
+        self.blob, self.offsets, self.order = blob, offsets, order       # [bytes] uint8, [V + 1], [V]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def term(self, term_id: int) -> bytes:
+        return self.blob[self.offsets[term_id]:self.offsets[term_id + 1]].tobytes()
+
+    def get(self, word: str) -> int | None:
+        """The id of `word`, or None if no passage holds it."""
+        key = word.encode()
+        at = bisect.bisect_left(self.order, key, key=self.term)
+        return int(self.order[at]) if at < len(self.order) and self.term(self.order[at]) == key else None
+
+
 class BM25Index:
-    """An in-memory BM25 Okapi index over `texts`, with postings grouped by term (CSR)."""
+    """A BM25 Okapi index: CSR postings of tf by term, per-term idf, per-passage length norms, the passages."""
 
     def __init__(self, texts: list[str], k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25):
-        if len(texts) == 0:
-            raise ValueError("empty corpus: no passages to index")
-        self.texts = texts
-        n_docs = len(texts)
+        """Build in memory from `texts`, which the index keeps as they are (`index.texts is texts`)."""
+        self._attach(texts, _build(texts, k1, b, epsilon), dict(k1=k1, b=b, epsilon=epsilon))
 
-        # Term ids in first-seen order; a defaultdict whose factory is its own length keeps the lookup in C.
-        vocab = defaultdict()
-        vocab.default_factory = vocab.__len__
-        doc_len = np.empty(n_docs, dtype=np.int64)                         # [N] tokens per passage
-        key_chunks = []  # one key term * N + passage per token
-        for start in range(0, n_docs, BUILD_CHUNK):
-            tokens = [tokenize(text) for text in texts[start:start + BUILD_CHUNK]]
-            lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=len(tokens))
-            doc_len[start:start + len(tokens)] = lengths
-            term_ids = np.fromiter(map(vocab.__getitem__, chain.from_iterable(tokens)), dtype=np.int64,
-                                   count=lengths.sum())
-            passages = np.repeat(np.arange(start, start + len(tokens), dtype=np.int64), lengths)
-            key_chunks.append(term_ids * n_docs + passages)
-        vocab.default_factory = None  # from here on an unknown query term is a miss, not a new id
-        if not vocab:  # BM25 of such a corpus is 0 / 0 (avgdl and the mean idf): it cannot answer any query
-            raise ValueError(f"no indexable words in any of the {n_docs:,} passages (only stopwords, "
-                             "punctuation or empty text): check the corpus's text fields")
-        self.vocab = vocab
+    def _attach(self, texts, arrays: dict, params: dict) -> None:
+        self.texts, self.params, self.k1 = texts, params, params["k1"]
+        self.indptr, self.doc_ids, self.tf = arrays["indptr"], arrays["doc_ids"], arrays["tf"]  # [V + 1], [P], [P]
+        self.idf, self.norm = arrays["idf"], arrays["norm"]               # [V] floored idf, [N] length norms
+        self.vocab = Vocabulary(arrays["term_bytes"], arrays["term_offsets"], arrays["term_order"])
 
-        # One sort of the keys groups postings by term with passages ascending, and counts tf.
-        keys, tf = np.unique(np.concatenate(key_chunks), return_counts=True)  # [P] postings
-        del key_chunks
-        post_term, post_doc = np.divmod(keys, n_docs)
-        df = np.bincount(post_term, minlength=len(vocab))                  # [V] passages containing a term
-        self.indptr = np.concatenate([[0], np.cumsum(df)])                 # [V + 1] term -> posting slice
+    @classmethod
+    def load(cls, folder) -> "BM25Index":
+        """Map an index `save` or `build_index` wrote to `folder`; nothing is read until a search touches it."""
+        folder = Path(folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+        texts = Passages(np.memmap(folder / "texts.bin", dtype=np.uint8, mode="r"), arrays["text_offsets"])
+        shapes = {"indptr": manifest["terms"] + 1, "doc_ids": manifest["postings"], "tf": manifest["postings"],
+                  "norm": manifest["passages"], "text_offsets": manifest["passages"] + 1}
+        if any(len(arrays[name]) != size for name, size in shapes.items()) or \
+                texts.offsets[-1] != len(texts.blob):
+            raise ValueError(f"{folder}: array sizes disagree with manifest.json (a partial copy?)")
+        index = cls.__new__(cls)
+        index._attach(texts, arrays, {name: manifest[name] for name in ("k1", "b", "epsilon")})
+        index.manifest = manifest
+        return index
 
-        idf = np.log(n_docs - df + 0.5) - np.log(df + 0.5)                 # [V]
-        # rank-bm25 sums idf one term at a time in first-seen order (our id order); a sequential cumsum
-        # reproduces that sum bit for bit, where idf.mean()'s pairwise sum would drift by an ulp.
-        floor = epsilon * (idf.cumsum()[-1] / len(vocab))
-        idf[idf < 0] = floor
-        avgdl = doc_len.sum() / n_docs
-        # Same operation order as rank-bm25 (b * |d| / avgdl is (b * |d|) / avgdl), so weights match bit for bit.
-        dl = doc_len[post_doc]
-        self.weights = idf[post_term] * (tf * (k1 + 1) / (tf + k1 * (1 - b + b * dl / avgdl)))  # [P] float64
-        self.doc_ids = post_doc.astype(np.int32)                          # [P]
+    def save(self, folder, key: dict | None = None) -> None:
+        """Write the index to `folder` (replacing what is there) via a temporary folder renamed into place."""
+        folder = Path(folder)
+        temp = _temp_folder(folder)
+        try:
+            arrays = {name: getattr(self, name) for name in ("indptr", "doc_ids", "tf", "idf", "norm")}
+            arrays.update(term_bytes=self.vocab.blob, term_offsets=self.vocab.offsets, term_order=self.vocab.order)
+            with open(temp / "texts.bin", "wb") as blob:
+                if isinstance(self.texts, Passages):  # a loaded index: its bytes are already the blob
+                    blob.write(memoryview(self.texts.blob))
+                    arrays["text_offsets"] = self.texts.offsets
+                else:
+                    arrays["text_offsets"] = _write_texts(blob, self.texts, range(0, len(self.texts), BUILD_CHUNK))
+            for name, array in arrays.items():
+                np.save(temp / f"{name}.npy", array)
+            _commit(temp, folder, _manifest(self.params, arrays, key))
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def _score_into(self, row: np.ndarray, query: str) -> None:
-        """Add the BM25 score of every passage for `query` into `row` [N], one query term at a time."""
+    def _score_into(self, row: np.ndarray, query: str, keep_up_to: int = 0) -> list[np.ndarray] | None:
+        """Add the BM25 score of every passage for `query` into `row` [N], one query term at a time. Returns
+        the passage ids it added to (arrays, a passage in several) if they number at most `keep_up_to`."""
+        touched, n_touched = [], 0
         for word in tokenize(query):
             term = self.vocab.get(word)
             if term is None:
                 continue
-            lo, hi = self.indptr[term], self.indptr[term + 1]
-            # A term's postings name each passage once, so fancy-index += never drops a duplicate.
-            row[self.doc_ids[lo:hi]] += self.weights[lo:hi]
+            idf = self.idf[term]
+            for lo in range(self.indptr[term], self.indptr[term + 1], QUERY_BLOCK):
+                hi = min(lo + QUERY_BLOCK, self.indptr[term + 1])
+                docs = self.doc_ids[lo:hi].astype(np.intp)  # indexing converts int32 ids anyway, twice
+                tf = self.tf[lo:hi].astype(np.float64)
+                # rank-bm25's order: idf * (tf * (k1 + 1) / (tf + norm)), so the weight matches bit for bit
+                weight = tf * (self.k1 + 1)
+                weight /= tf + self.norm[docs]
+                weight *= idf
+                # A term's postings name each passage once, so fancy-index += never drops a duplicate.
+                row[docs] += weight
+                n_touched += len(docs)
+                touched = touched if n_touched <= keep_up_to else None
+                if touched is not None:
+                    touched.append(docs)
+        return touched
 
     def scores(self, query: str) -> np.ndarray:
         """The score of every passage for `query`: [N] float64, as `BM25Okapi.get_scores`."""
@@ -120,20 +196,248 @@ class BM25Index:
         if k < 0:
             raise ValueError(f"search: k must be >= 0, got {k}")
         k = min(k, len(self))
-        row = np.empty(len(self))  # [N] one score buffer shared by the whole batch
+        row = np.zeros(len(self))  # [N] one score buffer shared by the whole batch, zeroed after each query
         hits = []
         for query in queries:
-            row.fill(0.0)
-            self._score_into(row, query)
-            top = _top_k(row, k)
+            # A query of rare terms scores few passages: select among those and zero only those, so its cost
+            # is its postings and not the O(N) passes over the row that a query of frequent terms needs.
+            touched = self._score_into(row, query, keep_up_to=len(self) // 4)
+            scored = _union(touched) if touched is not None else None  # ascending passage ids
+            if scored is not None and np.count_nonzero(row[scored] > 0) >= k:
+                top = scored[_top_k(row[scored], k)]  # ascending ids, so ties still go to the lower index
+            else:  # zero scores make the cut, or most passages are scored
+                top = _top_k(row, k)
             hits.append(list(zip(top.tolist(), row[top].tolist())))
+            if scored is None:
+                row.fill(0.0)
+            else:
+                row[scored] = 0.0
         return hits
 
 
+def _build(passages: Iterable[str], k1: float, b: float, epsilon: float, folder: Path | None = None,
+           progress: bool = False) -> dict:
+    """The arrays of ARRAYS for `passages`, in memory; with `folder`, written there as .npy files, the passages
+    as texts.bin, with only the small arrays held. Two passes, so no step holds more than a chunk's tokens:
+    each chunk's postings are spilled, then written to their CSR places once every term's df is known."""
+    words, df, doc_len, spill, max_tf, text_offsets = _spill_postings(passages, folder, progress)
+    n_docs = len(doc_len)
+
+    def new(name, dtype, size):  # an output array, on disk when building to a folder
+        if folder:
+            return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=(int(size),))
+        return np.empty(size, dtype=dtype)
+
+    indptr = np.concatenate([[0], np.cumsum(df)])                          # [V + 1] term -> posting slice
+    doc_ids = new("doc_ids", np.int32, indptr[-1])                          # [P]
+    tf = new("tf", np.uint8 if max_tf < 2 ** 8 else np.uint16 if max_tf < 2 ** 16 else np.uint32, indptr[-1])
+    cursor = indptr[:-1].copy()  # [V] where each term's next posting goes
+    # Chunks come in passage order, so each term's passages ascend.
+    for chunk_terms, chunk_docs, chunk_tf in tqdm(spill, desc="BM25 index: placing postings", unit=" chunks",
+                                                  disable=not progress):
+        starts, run_terms, run_lengths = _runs(chunk_terms)
+        place = np.arange(len(chunk_terms)) + np.repeat(cursor[run_terms] - starts, run_lengths)
+        doc_ids[place], tf[place] = chunk_docs, chunk_tf
+        cursor[run_terms] += run_lengths
+    assert (cursor == indptr[1:]).all()
+    del spill
+    for path in folder.glob("spill_*.bin") if folder else []:
+        path.unlink()
+
+    idf = np.log(n_docs - df + 0.5) - np.log(df + 0.5)                      # [V]
+    # rank-bm25 sums idf one term at a time in first-seen order (our id order); a sequential cumsum
+    # reproduces that sum bit for bit, where idf.mean()'s pairwise sum would drift by an ulp.
+    idf[idf < 0] = epsilon * (idf.cumsum()[-1] / len(words))
+    # Same operation order as rank-bm25 (b * |d| / avgdl is (b * |d|) / avgdl), so norms match bit for bit.
+    norm = k1 * (1 - b + b * doc_len / (doc_len.sum() / n_docs))          # [N]
+    term_lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    arrays = dict(indptr=indptr, doc_ids=doc_ids, tf=tf, idf=idf, norm=norm,
+                  term_bytes=np.frombuffer(b"".join(words), dtype=np.uint8),
+                  term_offsets=np.concatenate([[0], np.cumsum(term_lengths)]),
+                  term_order=np.array(sorted(range(len(words)), key=words.__getitem__), dtype=np.int32))
+    if folder:
+        arrays["text_offsets"] = text_offsets
+        doc_ids.flush(), tf.flush()
+        for name in ARRAYS:
+            if name not in ("doc_ids", "tf"):
+                np.save(folder / f"{name}.npy", arrays[name])
+    return arrays
+
+
+def _spill_postings(passages: Iterable[str], folder: Path | None, progress: bool):
+    """Pass one: tokenise `passages` a chunk at a time and keep each chunk's postings (term, passage, tf),
+    sorted by term, in memory or in spill files under `folder` (there the passages go to texts.bin too).
+    Returns the terms' UTF-8 bytes in id order, df [V], tokens per passage [N], the spilled chunks, the
+    largest tf, and the passages' byte offsets in texts.bin [N + 1] (None in memory)."""
+    vocab = defaultdict(None, {word: i for i, word in enumerate(RESERVED)})  # then terms in first-seen order
+    vocab.default_factory = vocab.__len__  # a factory that is the dict's own length keeps the lookup in C
+    df = np.zeros(256, dtype=np.int64)                                     # [>= V] passages holding a term
+    doc_lens, spill, text_ends, max_tf, n_docs = [], [], [], 0, 0
+    names, dtypes = ("term", "doc", "tf"), (np.int32, np.int32, np.uint32)
+    spill_files = [open(folder / f"spill_{name}.bin", "wb") for name in names] if folder else []
+    blob = open(folder / "texts.bin", "wb") if folder else None
+    passages = iter(tqdm(passages, desc="BM25 index: tokenising", unit=" passages", disable=not progress))
+    while chunk := list(islice(passages, BUILD_CHUNK)):
+        term_ids, local, lengths = _chunk_tokens(chunk, vocab)
+        keys, tf = np.unique(term_ids * len(chunk) + local, return_counts=True)  # sorted by term, then passage
+        terms, docs = np.divmod(keys, len(chunk))
+        _, run_terms, run_lengths = _runs(terms)
+        if len(vocab) - len(RESERVED) > len(df):  # grow by doubling: counting stays O(postings) a chunk
+            df = np.concatenate([df, np.zeros(max(len(df), len(vocab) - len(RESERVED) - len(df)), dtype=np.int64)])
+        df[run_terms] += run_lengths
+        postings = [array.astype(dtype) for array, dtype in zip((terms, docs + n_docs, tf), dtypes)]
+        if folder:
+            for file, array in zip(spill_files, postings):
+                array.tofile(file)
+            spill.append(len(keys))
+            text_ends.append(_write_texts(blob, chunk, [0])[1:] + (text_ends[-1][-1] if text_ends else 0))
+        else:
+            spill.append(postings)
+        doc_lens.append(lengths)
+        max_tf = max(max_tf, int(tf.max(initial=0)))
+        n_docs += len(chunk)
+        assert n_docs < 2 ** 31, "passage ids are int32"
+    for file in spill_files + ([blob] if blob else []):
+        file.close()
+    if n_docs == 0:
+        raise ValueError("empty corpus: no passages to index")
+    if len(vocab) == len(RESERVED):  # BM25 of such a corpus is 0 / 0 (avgdl and mean idf): it can answer nothing
+        raise ValueError(f"no indexable words in any of the {n_docs:,} passages (only stopwords, "
+                         "punctuation or empty text): check the corpus's text fields")
+    words = [word.encode() for word in islice(vocab, len(RESERVED), None)]
+    if folder:  # pass two reads the spill back a chunk at a time
+        spilled = [np.memmap(folder / f"spill_{name}.bin", dtype=dtype, mode="r") for name, dtype in zip(names, dtypes)]
+        bounds = np.cumsum([0] + spill)
+        spill = [[array[lo:hi] for array in spilled] for lo, hi in zip(bounds[:-1], bounds[1:])]
+    text_offsets = np.concatenate([[0]] + text_ends) if folder else None
+    return words, df[:len(words)], np.concatenate(doc_lens), spill, max_tf, text_offsets
+
+
+def _chunk_tokens(chunk: list[str], vocab: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`tokenize` of every passage of `chunk`, as term ids (new terms join `vocab`), the chunk-local passage of
+    each, and each passage's token count. One regex pass over the chunk joined by SEPARATOR, and stopwords
+    dropped by their reserved ids, cost a fraction of a `tokenize` call a passage; the tokens are the same,
+    since the separator's spaces end any word and its capital letter is in no lowercased text."""
+    tokens = WORD.findall(SEPARATOR.join([text.lower() for text in chunk]))
+    ids = np.fromiter(map(vocab.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+    passage = np.cumsum(ids == len(RESERVED) - 1)                        # [tokens] local passage of each
+    keep = ids >= len(RESERVED)
+    local = passage[keep]
+    return ids[keep] - len(RESERVED), local, np.bincount(local, minlength=len(chunk))
+
+
+def _union(id_arrays: list[np.ndarray]) -> np.ndarray:
+    """The distinct ids of some ascending arrays, ascending (a stable sort merges such runs in linear time)."""
+    ids = np.concatenate(id_arrays) if id_arrays else np.empty(0, dtype=np.intp)
+    ids.sort(kind="stable")
+    return ids[np.concatenate([[True], ids[1:] != ids[:-1]])] if ids.size else ids
+
+
+def _runs(sorted_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, value, length) of each run of equal values in `sorted_ids`."""
+    starts = np.flatnonzero(np.diff(sorted_ids, prepend=-1))
+    return starts, sorted_ids[starts], np.diff(starts, append=len(sorted_ids))
+
+
+def _write_texts(file, texts, chunk_starts) -> np.ndarray:
+    """Append `texts` to `file` as UTF-8 bytes, a chunk of BUILD_CHUNK at a time; their offsets [len + 1]."""
+    ends = []
+    for start in chunk_starts:
+        encoded = [text.encode("utf-8", "surrogatepass") for text in texts[start:start + BUILD_CHUNK]]
+        file.write(b"".join(encoded))
+        ends.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+    return np.concatenate([[0], np.cumsum(np.concatenate(ends))])
+
+
+def build_index(passages: Iterable[str], folder, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25,
+                key: dict | None = None, progress: bool = True) -> BM25Index:
+    """Build the index of `passages` (any iterable of strings, read once) straight into `folder`, replacing
+    what is there, and map it. The passages are written to the text blob as they stream past, never kept."""
+    folder = Path(folder)
+    temp = _temp_folder(folder)
+    try:
+        arrays = _build(passages, k1, b, epsilon, temp, progress)
+        _commit(temp, folder, _manifest(dict(k1=k1, b=b, epsilon=epsilon), arrays, key))
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return BM25Index.load(folder)
+
+
+def corpus_key(corpus_path, read_passages: Callable, k1: float, b: float, epsilon: float) -> dict:
+    """What an index of `corpus_path` depends on: the file's size and sha256, the reader's name, the BM25
+    parameters, the tokeniser and the layout. A cached index is used only if its key equals this one."""
+    path = Path(corpus_path)
+    try:
+        with open(path, "rb") as file:
+            digest = hashlib.file_digest(file, "sha256").hexdigest()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read the corpus ({error.strerror})") from None
+    tokenizer = hashlib.sha256(" ".join([WORD.pattern, *sorted(STOPWORDS)]).encode()).hexdigest()[:16]
+    return {"format": FORMAT, "tokenizer": tokenizer, "corpus_bytes": path.stat().st_size, "corpus_sha256": digest,
+            "reader": f"{read_passages.__module__}.{read_passages.__qualname__}", "k1": k1, "b": b, "epsilon": epsilon}
+
+
+def cached_index(corpus_path, folder, read_passages: Callable[[str], Iterable[str]], k1: float = 1.5,
+                 b: float = 0.75, epsilon: float = 0.25, progress: bool = True) -> BM25Index:
+    """The index of the passages `read_passages(corpus_path)` yields, mapped from `folder`/index if an index of
+    this very corpus and these parameters is there, else built there first. Processes of one host that call
+    this at once (torchrun ranks) take turns on a lock file in `folder`: the first builds, the others wait,
+    find the fresh index and map it, so the host holds one copy in its page cache."""
+    key = corpus_key(corpus_path, read_passages, k1, b, epsilon)  # before the lock: the ranks hash in parallel
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index_folder = folder / "index"
+    with open(folder / "lock", "a") as lock:  # flock is released when the file closes, or its process dies
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"BM25 index: waiting for another process to finish {index_folder}", file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        index = _load_if_fresh(index_folder, key)
+        if index is None:
+            for leftover in folder.glob(".index.*-*"):  # temp folders of builds that died; none runs now
+                shutil.rmtree(leftover, ignore_errors=True)
+            index = build_index(read_passages(corpus_path), index_folder, k1, b, epsilon, key, progress)
+    return index
+
+
+def _load_if_fresh(folder: Path, key: dict) -> BM25Index | None:
+    """The index in `folder` if it loads and was built for `key`; None if it is stale, partial or absent."""
+    try:
+        index = BM25Index.load(folder)
+    except (OSError, ValueError, KeyError):  # no or broken manifest.json, a missing or cut-short array
+        return None
+    return index if index.manifest.get("key") == key else None
+
+
+def _manifest(params: dict, arrays: dict, key: dict | None) -> dict:
+    return {"format": FORMAT, **params, "passages": len(arrays["norm"]), "terms": len(arrays["idf"]),
+            "postings": len(arrays["doc_ids"]), "key": key,
+            "built_by": {"pid": os.getpid(), "host": socket.gethostname()}}
+
+
+def _temp_folder(folder: Path) -> Path:
+    temp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    return temp
+
+
+def _commit(temp: Path, folder: Path, manifest: dict) -> None:
+    """Write the manifest last and rename `temp` to `folder`, so a folder with a manifest is always whole."""
+    (temp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():  # rename cannot replace a non-empty folder; processes that mapped it keep their maps
+        folder.rename(old)
+    temp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def estimate_index_bytes(texts: list[str], sample_size: int = 5000, seed: int = 0) -> int:
-    """Bytes a `BM25Index(texts)` will keep beyond the passages (CSR arrays and vocabulary), estimated from
-    `sample_size` passages drawn at random; exact counts, up to the per-term dict cost, when the sample is
-    all of `texts`. The build itself briefly needs several times more (it sorts one int64 key per token)."""
+    """Bytes a `BM25Index(texts)` keeps beyond the passages (a loaded index maps the same arrays, resident as
+    searches touch them), estimated from `sample_size` passages drawn at random; exact counts when the sample
+    is all of `texts`. The build itself briefly needs more: a spilled copy of the postings at 12 bytes each
+    (on disk when `build_index` streams) and the vocabulary as a dict of strings."""
     if not texts:
         return 0
     picks = random.Random(seed).sample(range(len(texts)), min(sample_size, len(texts)))
@@ -149,32 +453,31 @@ def estimate_index_bytes(texts: list[str], sample_size: int = 5000, seed: int = 
         beta = min(1.0, math.log(vocab / len(half_vocab)) / math.log(sample_tokens / half_tokens))
         corpus_tokens = sample_tokens / len(tokens) * len(texts)
         vocab = min(vocab * (corpus_tokens / sample_tokens) ** beta, corpus_tokens)
-    # A term costs its str (sample words stand for the unseen ones), its int id and a dict slot.
-    term_bytes = (sum(map(sys.getsizeof, sample_vocab)) / max(1, len(sample_vocab)) + sys.getsizeof(2 ** 20)
-                  + DICT_SLOT_BYTES)
-    # doc_ids int32 + weights float64 per posting, indptr int64 per term, and the vocabulary dict
-    return int(postings * (4 + 8) + (vocab + 1) * 8 + vocab * term_bytes)
+    term_bytes = sum(len(word.encode()) for word in sample_vocab) / max(1, len(sample_vocab))
+    # A posting: int32 passage id + tf byte. A term: its bytes, offset, order entry, idf and indptr. A passage:
+    # its norm.
+    return int(postings * (4 + 1) + vocab * (term_bytes + 8 + 4 + 8 + 8) + 16 + len(texts) * 8)
 
 
 def _top_k(row: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k largest entries of `row`, best first, ties to the lower index."""
     if k == 0:
         return np.empty(0, dtype=np.int64)
-    # Usually k passages share a query term, and then the winners are among the positive scores; selecting
-    # there also dodges np.partition's slow path on rows that are mostly tied zeros.
-    positive = np.flatnonzero(row > 0)                                     # ascending passage ids
-    if positive.size < k:  # zero (or negative) scores make the cut: rare, so a full stable sort will do
+    positive = row > 0
+    n_positive = np.count_nonzero(positive)
+    if n_positive < k:  # zero (or negative) scores make the cut: rare, so a full stable sort will do
         return np.argsort(-row, kind="stable")[:k]
-    values = row[positive]
-    threshold = np.partition(values, values.size - k)[values.size - k]    # the k-th largest score
-    above = positive[values > threshold]
-    # argpartition would pick arbitrary members of a tie at the threshold; take the lowest indices instead.
-    tied = positive[values == threshold][:k - above.size]
-    top = np.concatenate([above, tied])
-    return top[np.lexsort((top, -row[top]))]
+    # The k-th largest score is positive. Select it among the positive scores unless they are most of the row:
+    # np.partition takes a slow path on rows that are mostly tied zeros.
+    values = row if n_positive > len(row) // 2 else row[positive]
+    threshold = np.partition(values, values.size - k)[values.size - k]
+    # argpartition would pick arbitrary members of a tie at the threshold; sorting all of them by (score,
+    # index) keeps the lowest indices.
+    top = np.flatnonzero(row >= threshold)
+    return top[np.lexsort((top, -row[top]))][:k]
 
 
-def format_hits(hits: list[tuple[int, float]], texts: list[str]) -> str:
+def format_hits(hits: list[tuple[int, float]], texts) -> str:
     """Render hits as the lines the policy reads: `Doc i(Title: <title>) <text>`, numbered from 1."""
     lines = []
     for rank, (doc, _) in enumerate(hits, start=1):

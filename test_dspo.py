@@ -14,6 +14,8 @@ import gzip
 import io
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import socket
 import struct
@@ -23,6 +25,7 @@ import time
 import tracemalloc
 import urllib.error
 import urllib.request
+from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -42,7 +45,9 @@ from models import tiny_model
 from prompts import INVALID_ACTION, baseline_prompts, encode_prompt
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
 from rollout import MAX_QUERY_CHARS, Episode, RolloutSettings, collate, parse_action, rollout
-from search import BM25Index, estimate_index_bytes, format_hits, tokenize
+import search
+from search import (ARRAYS, BM25Index, Passages, build_index, cached_index, estimate_index_bytes, format_hits,
+                    tokenize)
 from settings import check_fit, check_paths, settings_table, state_bytes
 from tools import plot, probe
 from tools.plot import (MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary,
@@ -61,6 +66,14 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def write_lines(path, lines):
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+@pytest.fixture(autouse=True)
+def index_cache(tmp_path, monkeypatch):
+    """train.py's index cache ($DSPO_CACHE/index) in the test's own folder, never in the user's cache."""
+    import train
+    monkeypatch.setattr(train, "DEFAULT_CACHE", tmp_path / "dspo-cache")
+    return tmp_path / "dspo-cache" / "index"
 
 
 def assert_one_line_error(excinfo, where):
@@ -537,7 +550,7 @@ SEARCH_R1_FILES = ["nq/train.jsonl", "hotpotqa/train.jsonl", "nq/test.jsonl", "t
 
 
 def test_search_r1_reads_the_train_mix_all_seven_eval_sets_and_wiki18_then_uses_the_cache(tmp_path, offline_hub):
-    train, evaluation, passages = data.load_search_r1(tmp_path)
+    train, evaluation, corpus = data.load_search_r1(tmp_path)
     assert offline_hub == SEARCH_R1_FILES
     assert [(e.id, e.source) for e in train] == [("train_0", "nq"), ("train_1", "nq"), ("train_2", "nq"),
                                                  ("train_0", "hotpotqa")]
@@ -545,19 +558,20 @@ def test_search_r1_reads_the_train_mix_all_seven_eval_sets_and_wiki18_then_uses_
                                               "2wikimultihopqa", "musique", "bamboogle", "bamboogle"]
     assert evaluation[2] == QAExample("test_0", "In which year was the Norcaster Philharmonic orchestra founded?",
                                       ["1902"], "triviaqa")
+    assert corpus == data.wiki18_file(tmp_path) == tmp_path / "wiki-18" / "wiki-18.jsonl.gz"
+    passages = load_corpus_jsonl(corpus)
     assert passages == load_corpus_jsonl(FIXTURES / "wiki18.jsonl") and len(passages) == 13
-    assert data.wiki18_file(tmp_path) == tmp_path / "wiki-18" / "wiki-18.jsonl.gz"
     offline_hub.clear()
-    assert data.load_search_r1(tmp_path) == (train, evaluation, passages)
+    assert data.load_search_r1(tmp_path) == (train, evaluation, corpus)
     assert offline_hub == []  # every file came from the cache
 
 
 def test_search_r1_eval_only_skips_the_train_files_and_a_corpus_path_replaces_wiki18(tmp_path, offline_hub):
     plain = write_lines(tmp_path / "mini.jsonl", [json.dumps({"title": "Paris", "text": "Paris is a city."})])
     own = gzip_copy(plain, tmp_path / "mini.jsonl.gz")
-    train, evaluation, passages = data.load_search_r1(tmp_path / "cache", eval_only=True, corpus=own)
+    train, evaluation, corpus = data.load_search_r1(tmp_path / "cache", eval_only=True, corpus=own)
     assert train == [] and len(evaluation) == 10
-    assert passages == ["Paris\nParis is a city."]
+    assert corpus == own and load_corpus_jsonl(corpus) == ["Paris\nParis is a city."]
     assert offline_hub == SEARCH_R1_FILES[2:-1]  # the eval files only
     assert not (tmp_path / "cache" / "wiki-18").exists()
 
@@ -893,6 +907,234 @@ def test_index_memory_estimate_counts_the_whole_corpus_when_the_sample_covers_it
     index, kept = kept_bytes(lambda: BM25Index(passages))
     assert 0.5 <= estimate_index_bytes(passages) / kept <= 2.0
     assert estimate_index_bytes([]) == 0
+
+
+# --- On disk: save, load, the shared cache -------------------------------------------------------
+
+INDEX_QUERIES = ["alpha beta", "gamma", "delta delta epsilon", "zanzibar", "", "the of", "Ünïcödé café"]
+
+
+def unicode_zipf_corpus(seed: int, n_texts: int) -> list[str]:
+    """Passages of Zipf-like words (a few frequent, many rare), some of them unicode, stopwords mixed in."""
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "the", "of", "ünïcödé", "café", "東京"] + \
+        [f"w{i}" for i in range(300)]
+    weights = 1.0 / np.arange(1, len(words) + 1) ** 1.1
+    pick = lambda n: " ".join(rng.choice(words, size=n, p=weights / weights.sum()))  # noqa: E731
+    return [f"Title {i} {pick(2)}\n{pick(int(rng.integers(0, 40)))}" for i in range(n_texts)]
+
+
+def rank_bm25_scores(texts: list[str], query: str, **params) -> np.ndarray:
+    return BM25Okapi([tokenize(text) for text in texts], **params).get_scores(tokenize(query))
+
+
+def write_corpus(path, texts: list[str]) -> None:
+    """One passage a line, newlines inside a passage written as tabs (read_lines turns them back)."""
+    path.write_text("".join(text.replace("\n", "\t") + "\n" for text in texts))
+
+
+def read_lines(path):
+    """The passages of a `write_corpus` file, as a generator, so builds really stream; counts its calls."""
+    with open(f"{path}.reads", "a") as reads:
+        reads.write(f"{os.getpid()}\n")
+    with open(path) as lines:
+        for line in lines:
+            yield line.rstrip("\n").replace("\t", "\n")
+
+
+def slow_read_lines(path):
+    """`read_lines` that takes a second first, so a second process surely arrives while the first builds."""
+    time.sleep(1.0)
+    yield from read_lines(path)
+
+
+def corpus_reads(path) -> int:
+    return len(open(f"{path}.reads").read().split()) if os.path.exists(f"{path}.reads") else 0
+
+
+def test_save_then_load_gives_identical_hits_texts_and_arrays(tmp_path):
+    texts = unicode_zipf_corpus(0, 300)
+    index = BM25Index(texts)
+    index.save(tmp_path / "index")
+    loaded = BM25Index.load(tmp_path / "index")
+    assert loaded.search(INDEX_QUERIES, 10) == index.search(INDEX_QUERIES, 10)
+    assert len(loaded) == len(loaded.texts) == 300 and [loaded.texts[i] for i in range(300)] == texts
+    for name in ("indptr", "doc_ids", "tf", "idf", "norm"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(index, name))
+    assert loaded.manifest["passages"] == 300 and loaded.manifest["postings"] == len(index.doc_ids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]  # the temporary folder is gone
+
+
+def test_streamed_build_over_many_chunks_equals_the_in_memory_build(tmp_path, monkeypatch):
+    texts = unicode_zipf_corpus(1, 500)
+    in_memory = BM25Index(texts)
+    monkeypatch.setattr(search, "BUILD_CHUNK", 7)  # many chunks: postings of a term come from many spills
+    streamed = build_index(iter(texts), tmp_path / "index", progress=False)
+    for name in ("indptr", "doc_ids", "tf", "idf", "norm"):
+        np.testing.assert_array_equal(getattr(streamed, name), getattr(in_memory, name))
+    assert streamed.search(INDEX_QUERIES, 5) == in_memory.search(INDEX_QUERIES, 5)
+    assert not list(tmp_path.glob("index/spill_*")) and streamed.texts[499] == texts[499]
+
+
+def test_a_loaded_index_maps_its_arrays_instead_of_reading_them(tmp_path):
+    BM25Index(unicode_zipf_corpus(2, 50)).save(tmp_path / "index")
+    loaded = BM25Index.load(tmp_path / "index")
+    arrays = [loaded.indptr, loaded.doc_ids, loaded.tf, loaded.idf, loaded.norm, loaded.vocab.blob,
+              loaded.vocab.offsets, loaded.vocab.order, loaded.texts.blob, loaded.texts.offsets]
+    assert len(arrays) == len(ARRAYS) + 1  # every saved array, and the texts blob
+    for array in arrays:
+        assert isinstance(array, np.memmap) and not array.flags.owndata and not array.flags.writeable
+
+
+def test_loaded_texts_are_decoded_from_the_file_only_when_read(tmp_path):
+    texts = ["Paris\nParis is a city.", "Rome\nRome is a city.", "Tokyo\n東京 is a city."]
+    BM25Index(texts).save(tmp_path / "index")
+    loaded = BM25Index.load(tmp_path / "index")
+    assert isinstance(loaded.texts, Passages) and len(loaded.texts) == 3
+    with open(tmp_path / "index" / "texts.bin", "r+b") as blob:  # same length, new bytes, after the load
+        blob.seek(len("Paris\nParis is a city.".encode()))
+        blob.write(b"Oslo")
+    assert loaded.texts[1] == "Oslo\nRome is a city."  # read now from the mapped file, not from a copy
+    assert loaded.texts[-1] == loaded.texts[2] == "Tokyo\n東京 is a city."
+    with pytest.raises(IndexError):
+        loaded.texts[3]
+
+
+@pytest.mark.parametrize("seed,n_texts", [(3, 1), (4, 40), (5, 400)])
+@pytest.mark.parametrize("block", [search.QUERY_BLOCK, 7])  # 7: a term's postings weighed in many blocks
+def test_a_loaded_index_scores_exactly_as_rank_bm25(tmp_path, monkeypatch, seed, n_texts, block):
+    texts = unicode_zipf_corpus(seed, n_texts)
+    BM25Index(texts).save(tmp_path / "index")
+    loaded = BM25Index.load(tmp_path / "index")
+    monkeypatch.setattr(search, "QUERY_BLOCK", block)
+    for query, hits in zip(INDEX_QUERIES, loaded.search(INDEX_QUERIES, 5)):
+        expected = rank_bm25_scores(texts, query)
+        np.testing.assert_array_equal(loaded.scores(query), expected)  # bit for bit
+        top = np.argsort(-expected, kind="stable")[:5]
+        assert hits == list(zip(top.tolist(), expected[top].tolist()))
+
+
+def test_chunked_tokenising_finds_the_same_terms_as_tokenize(monkeypatch):
+    texts = ["İstanbul ΟΔΟΣ Οδός", "STRASSE straße A a THE", "x\x00y\ud800z", "", "ΣΑΣ σας", "\n\n", "A",
+             "Jean-Paul's 1999 world_cup"]
+    monkeypatch.setattr(search, "BUILD_CHUNK", 3)
+    index = BM25Index(texts)
+    terms = {index.vocab.term(i).decode() for i in range(len(index.vocab))}
+    assert terms == set(chain.from_iterable(map(tokenize, texts)))
+    for query in ["istanbul οδος", "strasse straße", "x y z", "σας", "1999 paul"]:
+        np.testing.assert_array_equal(index.scores(query), rank_bm25_scores(texts, query))
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 60])
+def test_search_among_the_few_passages_a_rare_query_scores_equals_the_whole_row_top_k(k):
+    texts = unicode_zipf_corpus(11, 400)
+    index = BM25Index(texts)
+    queries = ["w150", "w200 w250 w299", "w120 zanzibar", "w100 w100", "zanzibar", "gamma w200"]
+    for query, hits in zip(queries, index.search(queries, k)):
+        scores = rank_bm25_scores(texts, query)
+        top = np.argsort(-scores, kind="stable")[:k]  # zero scores fill up to k, lowest passages first
+        assert [doc for doc, _ in hits] == top.tolist() and [s for _, s in hits] == scores[top].tolist()
+    assert np.count_nonzero(index.scores("w200 w250 w299")) < len(texts) // 4  # the rare-query path ran
+
+
+def test_search_among_few_scored_passages_breaks_ties_by_lower_index():
+    texts = [f"t{i}\nfiller words {i}" for i in range(300)]
+    for i in range(0, 300, 5):  # 60 passages with apple, under a quarter of the corpus, two in three tied
+        texts[i] = f"t{i}\napple apple" if i % 3 == 0 else f"t{i}\napple pie"
+    hits = BM25Index(texts).search(["apple"], 30)[0]
+    twice, once = [i for i in range(0, 300, 15)], [i for i in range(0, 300, 5) if i % 3]
+    assert [doc for doc, _ in hits] == twice + once[:10]
+
+
+def test_vocabulary_finds_every_term_and_nothing_else():
+    index = BM25Index(unicode_zipf_corpus(6, 200))
+    vocab = index.vocab
+    assert all(vocab.get(vocab.term(i).decode()) == i for i in range(len(vocab)))
+    assert [vocab.get(word) for word in ["", "alph", "alphaa", "the", "zzz", "w1000"]] == [None] * 6
+
+
+def test_cached_index_builds_once_then_maps_the_saved_index(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    texts = unicode_zipf_corpus(7, 120)
+    write_corpus(corpus, texts)
+    first = cached_index(corpus, tmp_path / "cache", read_lines, progress=False)
+    second = cached_index(corpus, tmp_path / "cache", read_lines, progress=False)
+    assert corpus_reads(corpus) == 1 and isinstance(second.doc_ids, np.memmap)
+    expected = BM25Index(texts).search(INDEX_QUERIES, 4)
+    assert second.search(INDEX_QUERIES, 4) == first.search(INDEX_QUERIES, 4) == expected
+    assert second.manifest["key"]["corpus_bytes"] == corpus.stat().st_size
+
+
+def test_cached_index_rebuilds_when_the_corpus_changes_even_at_the_same_size(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    write_corpus(corpus, ["Paris\nParis is a city.", "Rome\nRome is a city.", "Oslo\nOslo is a city."])
+    size = corpus.stat().st_size
+    assert cached_index(corpus, tmp_path / "cache", read_lines, progress=False).search(["paris"], 1)[0][0][0] == 0
+    write_corpus(corpus, ["Rome\nRome is a city.", "Paris\nParis is a city.", "Oslo\nOslo is a city."])
+    assert corpus.stat().st_size == size  # same bytes in another order
+    index = cached_index(corpus, tmp_path / "cache", read_lines, progress=False)
+    assert corpus_reads(corpus) == 2 and index.search(["paris"], 1)[0][0][0] == 1
+
+
+@pytest.mark.parametrize("params", [dict(k1=1.2), dict(b=0.5), dict(epsilon=0.5)])
+def test_cached_index_rebuilds_when_a_bm25_parameter_changes(tmp_path, params):
+    corpus = tmp_path / "corpus.txt"
+    texts = unicode_zipf_corpus(8, 60)
+    write_corpus(corpus, texts)
+    cached_index(corpus, tmp_path / "cache", read_lines, progress=False)
+    index = cached_index(corpus, tmp_path / "cache", read_lines, progress=False, **params)
+    assert corpus_reads(corpus) == 2
+    np.testing.assert_array_equal(index.scores("alpha gamma"), rank_bm25_scores(texts, "alpha gamma", **params))
+
+
+@pytest.mark.parametrize("damage", ["remove manifest", "cut an array short", "garble manifest"])
+def test_cached_index_rebuilds_a_partial_or_corrupt_folder(tmp_path, damage):
+    corpus = tmp_path / "corpus.txt"
+    texts = unicode_zipf_corpus(9, 80)
+    write_corpus(corpus, texts)
+    cached_index(corpus, tmp_path / "cache", read_lines, progress=False)
+    folder = tmp_path / "cache" / "index"
+    if damage == "remove manifest":
+        (folder / "manifest.json").unlink()
+    elif damage == "cut an array short":
+        os.truncate(folder / "doc_ids.npy", os.path.getsize(folder / "doc_ids.npy") - 4)
+    else:
+        (folder / "manifest.json").write_text("{not json")
+    index = cached_index(corpus, tmp_path / "cache", read_lines, progress=False)
+    assert corpus_reads(corpus) == 2 and index.search(INDEX_QUERIES, 3) == BM25Index(texts).search(INDEX_QUERIES, 3)
+
+
+def test_a_failed_build_keeps_the_previous_index_and_leaves_no_temporary_folder(tmp_path):
+    BM25Index(["Paris\nParis is a city."]).save(tmp_path / "index")
+    with pytest.raises(ValueError, match="no indexable words"):
+        build_index(iter(["", "the of"]), tmp_path / "index", progress=False)
+    assert BM25Index.load(tmp_path / "index").texts[0] == "Paris\nParis is a city."
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
+
+
+def search_in_child(corpus, folder, results):
+    index = cached_index(corpus, folder, slow_read_lines, progress=False)
+    results.put((os.getpid(), index.manifest["built_by"]["pid"], index.search(INDEX_QUERIES, 5)))
+
+
+@pytest.mark.slow
+def test_two_processes_asking_at_once_share_one_build(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    texts = unicode_zipf_corpus(10, 200)
+    write_corpus(corpus, texts)
+    spawn = multiprocessing.get_context("spawn")  # fresh interpreters, as torchrun ranks are
+    results = spawn.Queue()
+    children = [spawn.Process(target=search_in_child, args=(corpus, tmp_path / "cache", results)) for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:  # their answers are small, so they fit the queue's pipe and never block an exit
+        child.join(timeout=60)
+    assert [child.exitcode for child in children] == [0, 0]
+    answers = [results.get(timeout=5) for _ in children]
+    assert corpus_reads(corpus) == 1  # exactly one of them read the corpus and built
+    (pid_a, builder_a, hits_a), (pid_b, builder_b, hits_b) = answers
+    assert builder_a == builder_b and builder_a in (pid_a, pid_b)
+    assert hits_a == hits_b == BM25Index(texts).search(INDEX_QUERIES, 5)
 
 
 # ============================================================================ prompts
@@ -2049,6 +2291,26 @@ def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path
     assert f"{qa}:2" in str(stop.value) and "golden_answers" in str(stop.value) and "\n" not in str(stop.value)
 
 
+def test_a_corpus_file_is_indexed_once_into_the_cache_and_mapped_by_later_runs(tmp_path, monkeypatch, index_cache):
+    import search
+    builds = []
+    build_index = search.build_index
+    monkeypatch.setattr(search, "build_index", lambda *a, **k: builds.append(1) or build_index(*a, **k))
+    qa = write_lines(tmp_path / "qa.jsonl", [json.dumps({"question": f"Where is {city}?", "golden_answers": [city]})
+                                             for city in ("Paris", "Rome", "Oslo")])
+    corpus = write_lines(tmp_path / "corpus.jsonl", [json.dumps({"title": c, "text": f"{c} is a capital city."})
+                                                     for c in ("Paris", "Rome", "Oslo", "Bern")])
+    argv = ["--model", "tiny", "--eval-only", "--eval-size", "2", "--max-turn-tokens", "4", "--data", str(qa),
+            "--corpus", str(corpus), "--baseline", "rag"]
+    first = main(argv + ["--out", str(tmp_path / "a")])
+    assert builds == [1] and len(list(index_cache.iterdir())) == 1  # one folder for this corpus file
+    second = main(argv + ["--out", str(tmp_path / "b")])
+    assert builds == [1] and second == first  # mapped, not built again, and it answers the same
+    corpus.write_text(corpus.read_text().replace("Bern", "Bonn"))  # same size, other bytes: a stale index
+    main(argv + ["--out", str(tmp_path / "c")])
+    assert builds == [1, 1]
+
+
 def test_a_corpus_of_stopwords_only_stops_in_one_line_naming_the_corpus(tmp_path):
     qa = write_lines(tmp_path / "qa.jsonl", [json.dumps({"question": f"q{i}", "golden_answers": ["a"]})
                                              for i in range(9)])  # 8 to train on: more than --batch-prompts 4
@@ -2419,6 +2681,34 @@ def test_the_readme_torchrun_command_completes_with_the_defaults(tmp_path):
     records = _records(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2] and records[0]["num_gen_batches"] == 3
     assert (tmp_path / "checkpoint-000002" / "trainer_state.pt").exists()
+
+
+@pytest.mark.slow
+def test_under_torchrun_one_rank_builds_the_corpus_index_and_both_train_on_it(tmp_path):
+    """--corpus with 2 processes: the ranks meet at the cache's lock, one builds, the other maps the result."""
+    script = tmp_path / "run.py"  # every build appends its pid: exactly one line is expected
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                      "import search, train\nbuild_index = search.build_index\n"
+                      "def counted(*args, **kwargs):\n"
+                      f"    with open({str(tmp_path / 'builds')!r}, 'a') as f:\n"
+                      "        f.write(str(os.getpid()) + '\\n')\n"
+                      "    return build_index(*args, **kwargs)\n"
+                      "search.build_index = counted\ntrain.run(sys.argv[1:])\n")
+    cities = ["Paris", "Rome", "Oslo", "Bern", "Lima", "Kyiv", "Riga", "Baku", "Doha", "Male", "Suva"]
+    qa = write_lines(tmp_path / "qa.jsonl", [json.dumps({"question": f"Where is {c}?", "golden_answers": [c]})
+                                             for c in cities])
+    corpus = write_lines(tmp_path / "corpus.jsonl", [json.dumps({"title": c, "text": f"{c} is a city."})
+                                                     for c in cities])
+    env_cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "--model", "tiny", "--data", str(qa), "--corpus", str(corpus), "--steps", "1", "--eval-every", "1",
+               "--max-turn-tokens", "4", "--out", str(tmp_path / "run")]
+    done = subprocess.run(command, cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DSPO_CACHE": str(env_cache)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len((tmp_path / "builds").read_text().split()) == 1
+    assert [r["step"] for r in _records(tmp_path / "run" / "metrics.jsonl")] == [0, 1]
+    assert len(list((env_cache / "index").iterdir())) == 1
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ rate after an optional linear warm-up, and a full-parameter update (optimizer.py
 keep small updates). This is the one file that reads command-line flags; settings.py decides their values.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from checkpoints import (find_checkpoint, lock_run, resume_state, save_checkpoint, saved_run_args, stop_on_signals,
                          trim_metrics)
-from data import (DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, load_corpus_jsonl, load_hotpotqa, load_qa_spec,
+from data import (DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, iter_corpus_jsonl, load_hotpotqa, load_qa_spec,
                   load_search_r1, next_questions, take_in_turn)
 from distributed import all_reduce, collective_failure, destroy_processes, gathered, shard, start_processes
 from dspo import fill_batch, group_advantages, informative
@@ -43,7 +44,7 @@ from optimizer import make_optimizer
 from prompts import EXAMPLE_NAMES
 from reward import score_episodes
 from rollout import RolloutSettings, generate_episodes
-from search import BM25Index, estimate_index_bytes
+from search import BM25Index, cached_index
 from settings import (apply_preset, check_fit, check_paths, continue_settings, device_bytes, preset_help,
                       settings_table)
 from update import UpdateSettings, autocast, update
@@ -169,38 +170,50 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
 # Data
 
 def load_data(args):
-    """(train examples, test examples, passages); user data errors end the run with one line.
+    """(train examples, test examples, corpus); user data errors end the run with one line. The corpus is a
+    list of passages when it is small and made here, else the path of a corpus file (see open_index).
 
     synthetic: the generated world and its own split. hotpotqa without --corpus: the official distractor
-    files, train on train, evaluate on dev, the corpus their paragraphs. Otherwise FlashRAG names and/or QA
-    files with --corpus: evaluation on --eval-data, else on the test (or dev) split of the same datasets,
-    else (a file among them) on a seeded 10% of the training questions, held out.
+    files, train on train, evaluate on dev, the corpus their paragraphs. search-r1: NQ + HotpotQA, the seven
+    evaluation sets, wiki-18. Otherwise FlashRAG names and/or QA files with --corpus: evaluation on
+    --eval-data, else on the test (or dev) split of the same datasets, else (a file among them) on a seeded
+    10% of the training questions, held out.
     """
     if args.data == "synthetic":
         world = synthetic_world(seed=args.seed, exclude=EXAMPLE_NAMES)
         return world.train, world.test, world.passages
     try:
-        if args.data == "search-r1":
-            train, test, passages = load_search_r1(DEFAULT_CACHE, eval_only=args.eval_only, corpus=args.corpus)
+        if args.data in ("search-r1", "hotpotqa") and not (args.data == "hotpotqa" and args.corpus):
+            train, test, corpus = load_search_r1(DEFAULT_CACHE, eval_only=args.eval_only, corpus=args.corpus) \
+                if args.data == "search-r1" else load_hotpotqa(DEFAULT_CACHE)
             if args.eval_data:
                 test = load_qa_spec(args.eval_data, "eval", DEFAULT_CACHE)
-            return train, test, passages
-        if args.data == "hotpotqa" and not args.corpus:
-            train, test, passages = load_hotpotqa(DEFAULT_CACHE)
-            if args.eval_data:
-                test = load_qa_spec(args.eval_data, "eval", DEFAULT_CACHE)
-            return train, test, passages
-        passages = load_corpus_jsonl(args.corpus)
+            return train, test, corpus
+        corpus = Path(args.corpus)
         if args.eval_only:
-            return [], load_qa_spec(args.eval_data or args.data, "eval", DEFAULT_CACHE), passages
+            return [], load_qa_spec(args.eval_data or args.data, "eval", DEFAULT_CACHE), corpus
         train = load_qa_spec(args.data, "train", DEFAULT_CACHE)
         if args.eval_data or all(item.strip() in FLASHRAG_SPLITS for item in args.data.split(",")):
-            return train, load_qa_spec(args.eval_data or args.data, "eval", DEFAULT_CACHE), passages
+            return train, load_qa_spec(args.eval_data or args.data, "eval", DEFAULT_CACHE), corpus
     except DataError as error:
         sys.exit(f"error: {error}")
     order = random.Random(args.seed).sample(train, len(train))
     held_out = max(1, len(order) // 10)  # at least one question
-    return order[held_out:], order[:held_out], passages
+    return order[held_out:], order[:held_out], corpus
+
+
+def open_index(corpus, name: str) -> BM25Index:
+    """The BM25 index of `corpus`: built in memory from a list of passages; for a corpus file, built once
+    into $DSPO_CACHE/index/ and mapped from there by every later run and by every process of this host
+    (search.cached_index). A corpus that cannot be indexed ends the run with one line naming `name`."""
+    try:
+        if isinstance(corpus, list):
+            return BM25Index(corpus)
+        path = Path(corpus).resolve()
+        folder = DEFAULT_CACHE / "index" / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
+        return cached_index(path, folder, iter_corpus_jsonl)
+    except ValueError as error:  # DataError included: a bad line of the corpus file
+        sys.exit(f"error: {name}: {error}")
 
 
 def rollout_stats(groups) -> dict:
@@ -254,23 +267,18 @@ def main(argv=None):
         checkpoint_activations(model)
     if size > 1:
         shard(model, args.amp)
-    train_set, test_set, passages = load_data(args)
+    train_set, test_set, corpus = load_data(args)
     if not args.eval_only and args.batch_prompts > len(train_set):  # each step would ask questions twice over
         fix = f"pass --batch-prompts {len(train_set)} or fewer" if train_set else \
             f"it needs questions beyond the {len(test_set)} held out for evaluation"
         sys.exit(f"error: --batch-prompts {args.batch_prompts} is more than the {len(train_set):,} training questions "
                  f"of --data {args.data}; {fix}")
-    if len(passages) > 100_000:
-        say(f"BM25 index: about {estimate_index_bytes(passages) / 2 ** 30:.1f} GiB for {len(passages):,} passages")
-    try:
-        index = BM25Index(passages)
-    except ValueError as error:
-        sys.exit(f"error: {args.corpus or args.data}: {error}")
+    index = open_index(corpus, args.corpus or f"--data {args.data}")
     eval_set = take_in_turn(test_set, args.eval_size) if args.eval_size else test_set
     data = "the synthetic world of world.py (--data search-r1 for NQ + HotpotQA over wiki-18)" \
         if args.data == "synthetic" else args.data
     say(f"model {args.model} ({args.template}), data {data}: {len(train_set)} train / {len(test_set)} test "
-        f"questions, {len(passages)} passages, device {args.device}" + (f", {size} processes" if size > 1 else ""))
+        f"questions, {len(index.texts):,} passages, device {args.device}" + (f", {size} processes" if size > 1 else ""))
     sampling, device_type = settings_for(RolloutSettings, args), torch.device(args.device).type
 
     if args.eval_only:  # baselines first, as published tables order their rows
