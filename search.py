@@ -34,15 +34,13 @@ import bisect
 import fcntl
 import hashlib
 import json
-import math
 import os
-import random
 import re
 import shutil
 import socket
 import sys
 from collections import defaultdict
-from itertools import chain, islice
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -431,32 +429,6 @@ def _commit(temp: Path, folder: Path, manifest: dict) -> None:
         folder.rename(old)
     temp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def estimate_index_bytes(texts: list[str], sample_size: int = 5000, seed: int = 0) -> int:
-    """Bytes a `BM25Index(texts)` keeps beyond the passages (a loaded index maps the same arrays, resident as
-    searches touch them), estimated from `sample_size` passages drawn at random; exact counts when the sample
-    is all of `texts`. The build itself briefly needs more: a spilled copy of the postings at 12 bytes each
-    (on disk when `build_index` streams) and the vocabulary as a dict of strings."""
-    if not texts:
-        return 0
-    picks = random.Random(seed).sample(range(len(texts)), min(sample_size, len(texts)))
-    tokens = [tokenize(texts[i]) for i in picks]
-    # Postings: a passage holds one per distinct term, so the sample's mean scales with the passage count.
-    postings = sum(len(set(t)) for t in tokens) / len(tokens) * len(texts)
-    # Vocabulary: Heaps' law V = K * T^beta, beta from its growth between half and all of the sample.
-    half = len(tokens) // 2
-    half_tokens, sample_tokens = sum(map(len, tokens[:half])), sum(map(len, tokens))
-    half_vocab, sample_vocab = set(chain.from_iterable(tokens[:half])), set(chain.from_iterable(tokens))
-    vocab = len(sample_vocab)
-    if len(picks) < len(texts) and 0 < len(half_vocab) < vocab:
-        beta = min(1.0, math.log(vocab / len(half_vocab)) / math.log(sample_tokens / half_tokens))
-        corpus_tokens = sample_tokens / len(tokens) * len(texts)
-        vocab = min(vocab * (corpus_tokens / sample_tokens) ** beta, corpus_tokens)
-    term_bytes = sum(len(word.encode()) for word in sample_vocab) / max(1, len(sample_vocab))
-    # A posting: int32 passage id + tf byte. A term: its bytes, offset, order entry, idf and indptr. A passage:
-    # its norm.
-    return int(postings * (4 + 1) + vocab * (term_bytes + 8 + 4 + 8 + 8) + 16 + len(texts) * 8)
 
 
 def _top_k(row: np.ndarray, k: int) -> np.ndarray:

@@ -9,7 +9,6 @@ Run: pytest test_dspo.py                  everything
 """
 import ast
 import dataclasses
-import gc
 import gzip
 import io
 import json
@@ -22,7 +21,6 @@ import struct
 import subprocess
 import sys
 import time
-import tracemalloc
 import urllib.error
 import urllib.request
 from itertools import chain
@@ -46,8 +44,7 @@ from prompts import INVALID_ACTION, baseline_prompts, encode_prompt
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
 from rollout import MAX_QUERY_CHARS, Episode, RolloutSettings, collate, parse_action, rollout
 import search
-from search import (ARRAYS, BM25Index, Passages, build_index, cached_index, estimate_index_bytes, format_hits,
-                    tokenize)
+from search import (ARRAYS, BM25Index, Passages, build_index, cached_index, format_hits, tokenize)
 from settings import check_fit, check_paths, settings_table, state_bytes
 from tools import plot, probe
 from tools.plot import (MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary,
@@ -862,51 +859,6 @@ def test_format_hits_renders_numbered_title_and_text_lines():
         "Doc 1(Title: Berlin) Berlin is big.\n"
         "Doc 2(Title: Paris) Paris is the capital. It has a tower.")
     assert format_hits([], texts) == ""
-
-
-# --- Index memory estimate ------------------------------------------------------------------------
-
-def zipf_texts(n_texts: int, seed: int, exponent: float = 1.2) -> list[str]:
-    """Passages of 40-120 words whose ranks follow an unbounded Zipf law, so the vocabulary keeps growing
-    with the corpus as real text does (Heaps' law)."""
-    rng = np.random.default_rng(seed)
-
-    def word(rank):
-        return np.base_repr(int(rank), 36).lower() + "x"  # the x keeps every word a non-stopword
-
-    texts = []
-    for length in rng.integers(40, 121, size=n_texts):
-        ranks = rng.zipf(exponent, size=length)
-        texts.append(word(ranks[0]) + "\n" + " ".join(map(word, ranks[1:])))
-    return texts
-
-
-def kept_bytes(build):
-    """The index `build()` returns and the bytes it keeps allocated (tracemalloc counts numpy buffers)."""
-    gc.collect()
-    tracemalloc.start()
-    index = build()
-    gc.collect()
-    kept = tracemalloc.get_traced_memory()[0]
-    tracemalloc.stop()
-    return index, kept
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("exponent", [1.1, 1.3])
-def test_index_memory_estimate_from_a_sample_is_within_a_factor_of_two(exponent):
-    texts = zipf_texts(4000, seed=0, exponent=exponent)
-    estimate = estimate_index_bytes(texts, sample_size=200)  # extrapolates 20x
-    index, kept = kept_bytes(lambda: BM25Index(texts))
-    assert kept > 1_000_000 and len(index.vocab) > 10_000
-    assert 0.5 <= estimate / kept <= 2.0, (estimate, kept)
-
-
-def test_index_memory_estimate_counts_the_whole_corpus_when_the_sample_covers_it():
-    passages = load_corpus_jsonl(FIXTURES / "wiki18.jsonl") * 20
-    index, kept = kept_bytes(lambda: BM25Index(passages))
-    assert 0.5 <= estimate_index_bytes(passages) / kept <= 2.0
-    assert estimate_index_bytes([]) == 0
 
 
 # --- On disk: save, load, the shared cache -------------------------------------------------------
