@@ -91,6 +91,8 @@ def collective_failure(error: Exception) -> str | None:
 
 
 def destroy_processes() -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group (if this process joined one), all ranks together: a rank that tears down its
+    connections while another still uses them can abort the other at exit."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
