@@ -361,3 +361,17 @@ def next_questions(train_set, count: int, state: dict, seed: int):
         if state["position"] >= len(train_set):
             state["epoch"], state["position"] = state["epoch"] + 1, 0
     return chosen
+
+
+def questions_by_kind(by_kind: dict[str, list], weights: dict[str, float], count: int, states: dict,
+                      seed: int) -> list:
+    """`count` questions split among the kinds of `by_kind` (source -> its questions) in proportion to
+    `weights` (largest remainder), each kind read from its own per-epoch shuffle; states[kind] (epoch,
+    position) is checkpointed."""
+    total = sum(weights.values())
+    exact = {kind: count * weights[kind] / total for kind in by_kind}
+    counts = {kind: int(value) for kind, value in exact.items()}
+    for kind in sorted(exact, key=lambda k: counts[k] - exact[k])[:count - sum(counts.values())]:
+        counts[kind] += 1
+    return [q for kind in by_kind for q in next_questions(by_kind[kind], counts[kind], states[kind], seed)]
+

@@ -5,7 +5,8 @@ For each question q the policy samples a group of G trajectories y_1..y_G with r
 1. Group advantage (no critic):    A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6)
 2. Dynamic filter: a group whose rewards are all equal has A_i = 0 for every member and carries no
    signal, so it is dropped and further questions are sampled until the batch holds B informative
-   groups or a cap on generation rounds is reached.
+   groups or a cap on generation rounds is reached. Each round oversamples by the informative rate seen
+   so far (B / rate groups), so one large batched round does what several small ones would.
 3. Sequence-level importance ratio over M_i, the tokens the model generated itself (prompt and
    retrieved <information> tokens are excluded):
        s_i = exp( 1/|M_i| * sum_{t in M_i} (log pi_theta(y_i,t) - log pi_old(y_i,t)) )
@@ -20,6 +21,7 @@ Left out: the reference-model KL penalty, entropy bonus, value function, and any
 Tensors here are plain: this file knows nothing of search, prompts or tokenizers.
 """
 import inspect
+import math
 from collections import defaultdict
 from collections.abc import Callable, Hashable, Sequence
 
@@ -63,23 +65,41 @@ def filter_groups(rewards: torch.Tensor, group_ids: Sequence[Hashable]) -> torch
     return keep
 
 
-def fill_batch(sample_round: Callable[[int], list[list]], num_groups: int, max_rounds: int,
-               use_filter: bool = True) -> tuple[list[list], int, list[list]]:
+def fill_batch(sample_groups: Callable[[int, int], list[list]], num_groups: int, max_rounds: int,
+               informative_rate: float | None = None, use_filter: bool = True,
+               kind: Callable[[list], Hashable] = lambda group: None,
+               per_kind: int | None = None) -> tuple[list[list], int, list[list]]:
     """Sample rounds of groups until num_groups informative ones are kept or max_rounds rounds ran.
 
-    sample_round(r) returns round r's groups (r = 0, 1, ...), each a list of records with a `.reward`.
-    Returns (kept groups, rounds used, every group sampled). Without the filter the first round is kept whole.
+    sample_groups(r, count) returns `count` new groups for round r (r = 0, 1, ...), each a list of records
+    with a `.reward`. With informative_rate=None every round asks for num_groups groups. Given the share of
+    groups the filter has kept so far, a round asks for as many as that rate says will fill what is
+    missing, so one batched round usually does the work of several small ones; all rounds together ask for
+    at most num_groups * max_rounds groups either way. When a round holds more informative groups than
+    are missing, they are taken in turn from each `kind` (e.g. 1-hop and 2-hop questions), the kind kept
+    least so far first, and at most `per_kind` of one kind are kept, so a kind the policy finds easy cannot
+    crowd out one it finds hard (a step may then train on fewer than num_groups).
+    Returns (kept groups, rounds used, every group sampled). Without the filter one round of num_groups is
+    kept whole.
     """
+    if not use_filter:
+        groups = sample_groups(0, num_groups)
+        return groups, 1, groups
     kept, sampled, rounds = [], [], 0
-    while rounds < max_rounds and len(kept) < num_groups:
-        groups = sample_round(rounds)
+    while rounds < max_rounds and len(kept) < num_groups and len(sampled) < num_groups * max_rounds:
+        wanted = num_groups if informative_rate is None else \
+            math.ceil((num_groups - len(kept)) / max(informative_rate, 1e-3))
+        groups = sample_groups(rounds, min(wanted, num_groups * max_rounds - len(sampled)))
         rounds += 1
         sampled.extend(groups)
-        if not use_filter:
-            return groups, rounds, sampled
+        waiting = defaultdict(list)  # kind -> its informative groups of this round, in sampled order
         for group in groups:
-            if informative([item.reward for item in group]) and len(kept) < num_groups:
-                kept.append(group)
+            room = per_kind is None or sum(kind(g) == kind(group) for g in kept + waiting[kind(group)]) < per_kind
+            if informative([item.reward for item in group]) and room:
+                waiting[kind(group)].append(group)
+        while len(kept) < num_groups and any(waiting.values()):
+            least = min((k for k in waiting if waiting[k]), key=lambda k: sum(kind(g) == k for g in kept))
+            kept.append(waiting[least].pop(0))
     return kept, rounds, sampled
 
 

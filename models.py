@@ -221,6 +221,11 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu", trust_rem
             module.attention_dropout = 0.0
     if hasattr(model.config, "attention_dropout"):
         model.config.attention_dropout = 0.0
+    if torch.device(device).type == "cpu":
+        # Grouped-query attention over a padded batch: transformers copies each key/value head to every query
+        # head that shares it (repeat_kv) unless told that the kernel takes them grouped, which torch's CPU
+        # kernel does; on CUDA that switch would fall back to a slower kernel, so it stays off there.
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     model.eval()
     return model, tokenizer
 

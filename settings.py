@@ -37,6 +37,31 @@ PRESETS = {
                       micro_batch=8, micro_batch_tokens=8192, eval_every=50, eval_size=500, save_every=50),
 }
 
+# Why the laptop preset takes each value (printed by --help). The demo is SmolLM2-135M on two CPU cores.
+LAPTOP_REASONS = {
+    "dtype": "bf16 matrix products are slow on CPUs without bf16 units, and a 135M model fits in float32",
+    "amp": "no bf16 compute on CPU, for the same reason",
+    "rounding": "used only with bf16 weights",
+    "grad_checkpointing": "a 135M model's activations fit; recomputing them would only cost time",
+    "template": "a 135M model ignores a bare instruction but copies worked episodes",
+    "batch_prompts": "four informative groups keep a step's update under a minute on two cores",
+    "group_size": "four tries of a question often differ in reward, and cost a quarter of what sixteen do",
+    "max_turns": "the synthetic world's questions take one or two searches",
+    "topk": "a 135M model reads one passage as well as two, and a short context decodes faster",
+    "max_turn_tokens": "a search or an answer fits; a turn that rambles is cut early",
+    "max_response_tokens": "two searches, their passages and an answer fit",
+    "temperature": "at 1.0 a 135M model writes noise that ends in truncation",
+    "rollout_batch": "a round's trajectories and an evaluation's questions decode in one batch",
+    "steps": "enough for the demo to move held-out EM in a quarter of an hour of two cores",
+    "lr": "large enough to move a 135M model in ten steps",
+    "warmup": "ten steps leave no room for a warm-up",
+    "micro_batch": "a whole mini-batch in one pass, so the shared prompt prefix is encoded once",
+    "micro_batch_tokens": "no cap is needed at this size",
+    "eval_every": "evaluates before the first step, half way and after the last",
+    "eval_size": "32 questions, 16 of each kind, keep the three evaluations to about a minute each",
+    "save_every": "one checkpoint, at the end",
+}
+
 
 def pick_preset(parameters: int, processes: int) -> str:
     """laptop below 1B parameters (whatever the device); above, one GPU or many by the process count."""
@@ -67,8 +92,9 @@ def preset_help() -> str:
     lines += [f"  --{key.replace('_', '-'):<18}" + "".join(f"{str(PRESETS[n][key]):>12}" for n in names)
               for key in PRESETS[names[0]]]
     lines.append("laptop: models under 1B parameters; one GPU / many GPUs: 1B and up, one process / torchrun. "
-                 "The laptop values come from the demo runs (results/), the GPU ones from Search-R1's recipe and "
-                 "the one-GPU fit of a 7B (settings.py's PRESETS says which).")
+                 "The GPU values come from Search-R1's recipe and the one-GPU fit of a 7B (settings.py's PRESETS "
+                 "says which). Why the laptop takes its values:")
+    lines += [f"  --{key.replace('_', '-'):<20} {LAPTOP_REASONS[key]}" for key in PRESETS["laptop"]]
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ Run: pytest test_dspo.py                  everything
      pytest test_dspo.py -m "not slow"    without the end-to-end, subprocess and torchrun tests: under a minute
 """
 import ast
+import collections
 import dataclasses
 import gzip
 import io
@@ -629,6 +630,18 @@ def test_questions_come_in_a_seeded_shuffle_each_epoch_and_resume_where_they_sto
     resumed = next_questions(questions, 4, {"epoch": 0, "position": 8}, seed=0)
     assert resumed == crossing  # the saved (epoch, position) is all a resume needs
     assert next_questions(questions, 8, {"epoch": 0, "position": 0}, seed=1) != first  # another seed, another order
+
+
+def test_questions_by_kind_split_a_count_by_weight_and_read_each_kind_in_its_own_order():
+    from data import next_questions, questions_by_kind
+    by_kind = {"1hop": [f"a{i}" for i in range(10)], "2hop": [f"b{i}" for i in range(10)]}
+    states = {kind: {"epoch": 0, "position": 0} for kind in by_kind}
+    chosen = questions_by_kind(by_kind, {"1hop": 1.0, "2hop": 2.0}, 6, states, seed=0)
+    assert [q[0] for q in chosen] == ["a", "a", "b", "b", "b", "b"]  # 6 x 1/3 and 6 x 2/3
+    assert chosen[2:] == next_questions(by_kind["2hop"], 4, {"epoch": 0, "position": 0}, seed=0)
+    assert states == {"1hop": {"epoch": 0, "position": 2}, "2hop": {"epoch": 0, "position": 4}}
+    three = questions_by_kind(by_kind, {"1hop": 1.0, "2hop": 1.0}, 3, states, seed=0)
+    assert [q[0] for q in three].count("a") in (1, 2) and len(three) == 3
 
 
 # ============================================================================ synthetic world
@@ -1510,25 +1523,67 @@ def test_refill_samples_until_enough_informative_groups():
     rounds = iter([[[_Traj(0), _Traj(0)], [_Traj(1), _Traj(0)]],
                    [[_Traj(1), _Traj(1)], [_Traj(0), _Traj(1)]],
                    [[_Traj(0), _Traj(1)], [_Traj(1), _Traj(0)]]])
-    kept, used, sampled = fill_batch(lambda round_: next(rounds), num_groups=2, max_rounds=5)
-    assert used == 2 and len(kept) == 2 and len(sampled) == 4
+    asked = []
+
+    def sample(round_, count):
+        asked.append(count)
+        return next(rounds)
+
+    kept, used, sampled = fill_batch(sample, num_groups=2, max_rounds=5)
+    assert used == 2 and len(kept) == 2 and len(sampled) == 4 and asked == [2, 2]  # B groups a round
     assert all(len({t.reward for t in group}) == 2 for group in kept)
 
 
 def test_refill_stops_at_the_cap():
     calls = []
 
-    def uninformative(round_):
+    def uninformative(round_, count):
         calls.append(round_)
-        return [[_Traj(0), _Traj(0)], [_Traj(1), _Traj(1)]]
+        return [[_Traj(0), _Traj(0)], [_Traj(1), _Traj(1)]][:count]
 
     kept, used, sampled = fill_batch(uninformative, num_groups=2, max_rounds=3)
     assert kept == [] and used == 3 and calls == [0, 1, 2] and len(sampled) == 6
 
 
+def test_batched_refill_oversamples_by_the_informative_rate_and_keeps_the_cap():
+    asked = []
+
+    def sample(round_, count):  # every third group informative
+        asked.append(count)
+        return [[_Traj(0), _Traj(i % 3 == 0)] for i in range(count)]
+
+    kept, used, sampled = fill_batch(sample, num_groups=2, max_rounds=3, informative_rate=1 / 3)
+    assert asked == [6] and used == 1 and len(kept) == 2 and len(sampled) == 6  # one round of B / rate
+    asked.clear()
+    kept, used, sampled = fill_batch(sample, num_groups=2, max_rounds=3, informative_rate=0.05)
+    assert asked == [6] and used == 1  # 40 wanted, B x max_rounds = 6 at most
+    asked.clear()
+    kept, used, sampled = fill_batch(sample, num_groups=4, max_rounds=3, informative_rate=1.0)
+    assert asked == [4, 2, 1] and len(kept) == 4  # each round refills only what is missing
+
+
+def test_refill_keeps_informative_groups_of_each_kind_in_turn():
+    groups = [[_Traj(0), _Traj(1)] for _ in range(5)]
+    kinds = {id(g): k for g, k in zip(groups, ["1hop", "1hop", "1hop", "2hop", "2hop"])}
+    kept, _, _ = fill_batch(lambda round_, count: groups, num_groups=2, max_rounds=1, informative_rate=0.5,
+                            kind=lambda group: kinds[id(group)])
+    assert [kinds[id(g)] for g in kept] == ["1hop", "2hop"]  # not the first two, which are both 1-hop
+    kept, _, _ = fill_batch(lambda round_, count: groups, num_groups=4, max_rounds=1, informative_rate=0.5,
+                            kind=lambda group: kinds[id(group)])
+    assert [kinds[id(g)] for g in kept] == ["1hop", "2hop", "1hop", "2hop"]
+
+
+def test_refill_keeps_at_most_per_kind_groups_of_one_kind():
+    groups = [[_Traj(0), _Traj(1)] for _ in range(4)]
+    kept, used, sampled = fill_batch(lambda round_, count: groups[:count], num_groups=2, max_rounds=2,
+                                     informative_rate=0.5, kind=lambda group: "1hop", per_kind=1)
+    assert len(kept) == 1 and used == 1 and len(sampled) == 4  # the second slot waits for another kind, in vain
+
+
 def test_no_filter_trains_on_the_first_round_whole():
-    kept, used, _ = fill_batch(lambda round_: [[_Traj(0), _Traj(0)]], num_groups=4, max_rounds=3, use_filter=False)
-    assert used == 1 and len(kept) == 1
+    kept, used, _ = fill_batch(lambda round_, count: [[_Traj(0), _Traj(0)]] * count, num_groups=4, max_rounds=3,
+                               use_filter=False)
+    assert used == 1 and len(kept) == 4
 
 
 # --- Losses ---------------------------------------------------------------------------------------
@@ -1663,6 +1718,31 @@ def test_logprobs_only_at_masked_positions_keep_values_and_gradients(world):
         assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
     empty = token_logprobs(model, input_ids, attention_mask, 1.0, 0, torch.zeros_like(loss_mask))
     assert empty.shape == loss_mask.shape and empty[:, :-1].abs().max() == 0
+
+
+def test_grouped_attention_without_head_copies_gives_the_same_logprobs_and_gradients(world, monkeypatch):
+    """models.py lets torch's CPU kernel take key/value heads grouped (TRANSFORMERS_SDPA_FORCE_GQA): the padded
+    batches of training and rollout get the values transformers' copying path gives, with and without a shared
+    prefix (the tiny model has 4 query heads over 2 key/value heads)."""
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    assert model.config.num_attention_heads > model.config.num_key_value_heads
+    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:3]]
+    episodes = rollout(model, tokenizer, BM25Index(world.passages), prompts, ["a", "b", "c"], max_turn_tokens=6,
+                       max_response_tokens=30)
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    assert (attention_mask == 0).any()  # padded rows: the case transformers would copy heads for
+    prefix_len = shared_prefix_length([e.prompt_ids for e in episodes])
+    for prefix in (0, prefix_len):
+        results = []
+        for grouped in ("0", "1"):
+            monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", grouped)
+            model.zero_grad()
+            logp = token_logprobs(model, input_ids, attention_mask, 0.7, prefix, loss_mask)
+            (logp * loss_mask).sum().backward()
+            results.append((logp.detach(), model.model.layers[0].self_attn.k_proj.weight.grad.clone()))
+        assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+        assert results[0][1].abs().sum() > 0 and torch.allclose(results[0][1], results[1][1], atol=1e-5)
 
 
 def test_logprobs_equal_with_and_without_gradient_and_across_slices(monkeypatch):
@@ -2046,7 +2126,8 @@ def test_both_baselines_and_the_agent_fill_one_table(world, tmp_path):
     results = {METHOD_LABELS[m]: evaluate_method(model, tokenizer, index, examples, few_shot, m)
                for m in ("direct", "rag", "agent")}
     assert results["Direct"]["searches"] == results["RAG"]["searches"] == 0.0
-    assert {s: d["n"] for s, d in results["RAG"]["datasets"].items()} == {"synthetic-1hop": 2, "synthetic-2hop": 1}
+    expected = collections.Counter(e.source for e in examples)
+    assert {s: d["n"] for s, d in results["RAG"]["datasets"].items()} == expected and len(expected) == 2
     rows = write_eval_report(tmp_path, results).splitlines()
     assert rows[0] == "| Method | synthetic-1hop | synthetic-2hop | Avg | Searches | Length |"
     assert [row.split(" | ")[0] for row in rows[2:5]] == ["| Direct", "| RAG", "| Search agent (this checkpoint)"]
@@ -2333,10 +2414,13 @@ def test_two_step_tiny_run_writes_metrics_and_a_checkpoint_that_reloads(tmp_path
     assert tokenizer("<search>", add_special_tokens=False)["input_ids"] == [tokenizer.convert_tokens_to_ids("<search>")]
 
 
-def test_an_all_filtered_batch_is_skipped_and_logged_without_nan(tmp_path):
-    main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--max-gen-rounds", "2", "--out", str(tmp_path)])
+@pytest.mark.parametrize("refill, rounds", [("batched", 1), ("rounds", 2)])
+def test_an_all_filtered_batch_is_skipped_and_logged_without_nan(tmp_path, refill, rounds):
+    # batched: B / (prior share 1/3) = 6 groups wanted, capped at B x max-gen-rounds = 4, at once; rounds: 2 of B.
+    main(TINY_RUN + ["--steps", "1", "--eval-every", "0", "--max-gen-rounds", "2", "--refill", refill,
+                     "--out", str(tmp_path)])
     record = _records(tmp_path / "metrics.jsonl")[0]
-    assert record["skipped"] == 1 and record["num_gen_batches"] == 2 and record["frac_reward_zero_std"] == 1.0
+    assert record["skipped"] == 1 and record["num_gen_batches"] == rounds and record["frac_reward_zero_std"] == 1.0
     assert "loss" not in record and all(math.isfinite(v) for v in record.values() if isinstance(v, float))
 
 
@@ -2883,6 +2967,20 @@ def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_pat
     for path, before in written.items():  # finished runs are kept as they were; the cut-off one ran again
         assert ((path / "metrics.jsonl").read_bytes() == before) == (path != runs["DSPO"][1])
     assert ablation.finished(runs["DSPO"][1])
+
+
+# --- bench_step.py --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_step_benchmark_runs_both_schedules_and_prints_their_ratio(capsys, monkeypatch):
+    from tools import bench_step
+    monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
+    bench_step.main(["--model", "tiny", "--steps", "1"])
+    table = capsys.readouterr().out.split("| | rounds | batched |")[1]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:] if line}
+    assert rows["generation rounds a step"][:2] == ["3.00", "1.00"]  # rounds: 3 of B; batched: one
+    assert rows["trajectories sampled a step"][:2] == ["48.00", "48.00"]  # the same cap, B x max-gen-rounds
+    assert float(rows["step s"][0]) > 0 and float(rows["step s"][1]) > 0
 
 
 # --- probe.py -------------------------------------------------------------------------------------

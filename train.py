@@ -35,7 +35,7 @@ from tqdm import tqdm
 from checkpoints import (find_checkpoint, lock_run, resume_state, save_checkpoint, saved_run_args, stop_on_signals,
                          trim_metrics)
 from data import (DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, iter_corpus_jsonl, load_hotpotqa, load_qa_spec,
-                  load_search_r1, next_questions, take_in_turn)
+                  load_search_r1, next_questions, questions_by_kind, take_in_turn)
 from distributed import all_reduce, collective_failure, destroy_processes, gathered, shard, start_processes
 from dspo import fill_batch, group_advantages, informative
 from evaluate import METHOD_LABELS, evaluate, evaluate_method, write_eval_report
@@ -122,7 +122,12 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
     p.add_argument("--temperature", type=positive,
                    help=f"sampling temperature; log-probs are taken at the same temperature {preset}")
     p.add_argument("--rollout-batch", type=count, help=f"trajectories generated together {preset}")
-    p.add_argument("--max-gen-rounds", type=count, default=3, help="cap on generation rounds to refill filtered groups")
+    p.add_argument("--max-gen-rounds", type=count, default=3, help="cap on generation rounds to refill filtered "
+                   "groups; all rounds of a step sample at most B times this many groups")
+    p.add_argument("--refill", choices=["batched", "rounds"], default="rounds",
+                   help="rounds: every round samples B groups of the shuffled questions, one round after another (the "
+                   "demo's tested schedule); batched: a round samples B / (share kept so far) groups at once, each "
+                   "kind of question in proportion to how rarely it is kept, at most B / kinds kept of one kind")
     # optimisation
     p.add_argument("--steps", type=_number(int, 0), help=f"training steps {preset}")
     p.add_argument("--max-minutes", type=_number(float, 0), default=0,
@@ -306,17 +311,42 @@ def main(argv=None):
         with gathered(model), autocast(device_type, args.amp):
             return evaluate(model, tokenizer, index, eval_set, sampling)
 
-    def sample_round(step: int, round_: int) -> list[list]:
-        """Round `round_` of step `step`: B new questions, G scored trajectories each, as groups. Group ids
-        are numbered from the step and round, so they stay unique if a question comes back (and on resume)."""
-        questions = next_questions(train_set, args.batch_prompts, data_state, args.seed)
-        first = (step * args.max_gen_rounds + round_) * args.batch_prompts
+    # Each kind of question (its source: synthetic-1hop, nq, ...) is read from its own shuffle and keeps its
+    # own count of groups sampled and kept, so a round can ask each kind in proportion to how rarely the filter
+    # keeps it: a kind the untrained model seldom gets right still reaches the update.
+    by_kind = {}
+    for question in train_set:
+        by_kind.setdefault(question.source, []).append(question)
+    kinds = data_state.setdefault("kinds", {kind: {"epoch": 0, "position": 0, "sampled": 0, "informative": 0}
+                                            for kind in sorted(by_kind)})
+    source = {}  # group id -> its question's kind, for fill_batch's balance and the log
+
+    def kept_share(kind: str) -> float:
+        """The share of the kind's groups the filter kept so far (resumed runs included), from a prior of one
+        in three."""
+        return (kinds[kind]["informative"] + 1) / (kinds[kind]["sampled"] + 3)
+
+    def sample_round(step: int, round_: int, count: int) -> list[list]:
+        """Round `round_` of step `step`: `count` new questions, G scored trajectories each, as groups. With the
+        batched refill each kind is asked in proportion to 1 / its kept share, else the next of one shuffle.
+        Group ids name the step, round and place, so they stay unique if a question comes back (and on resume)."""
+        if args.refill == "batched" and not args.no_filter:
+            weights = {kind: 1 / kept_share(kind) for kind in by_kind}
+            questions = questions_by_kind(by_kind, weights, count, kinds, args.seed)
+        else:
+            questions = next_questions(train_set, count, data_state, args.seed)
         examples = [q for q in questions for _ in range(args.group_size)]
-        group_ids = [f"{q.id}#{first + i}" for i, q in enumerate(questions) for _ in range(args.group_size)]
+        group_ids = [f"{q.id}#{step}.{round_}.{i}" for i, q in enumerate(questions) for _ in range(args.group_size)]
         with gathered(model), autocast(device_type, args.amp):
             episodes = generate_episodes(model, tokenizer, index, examples, group_ids, sampling)
         score_episodes(episodes, examples)
+        source.update({gid: q.source for gid, q in zip(group_ids, examples)})
         return [episodes[i:i + args.group_size] for i in range(0, len(episodes), args.group_size)]
+
+    def informative_rate() -> float:
+        """The share of a round's groups the filter is expected to keep when each kind is asked in proportion to
+        1 / its kept share: the harmonic mean of the kinds' shares."""
+        return len(kinds) / sum(1 / kept_share(kind) for kind in kinds)
 
     learning = settings_for(UpdateSettings, args)
     log = open(out / "metrics.jsonl", "a") if rank == 0 else open(os.devnull, "w")
@@ -329,11 +359,22 @@ def main(argv=None):
 
             # Sample, and refill until B informative groups are in hand
             began = time.perf_counter()
-            kept, rounds, sampled = fill_batch(lambda round_: sample_round(step, round_), args.batch_prompts,
-                                               args.max_gen_rounds, use_filter=not args.no_filter)
+            kept, rounds, sampled = fill_batch(lambda round_, count: sample_round(step, round_, count),
+                                               args.batch_prompts, args.max_gen_rounds,
+                                               informative_rate() if args.refill == "batched" else None,
+                                               use_filter=not args.no_filter,
+                                               kind=lambda group: source[group[0].group_id],
+                                               per_kind=math.ceil(args.batch_prompts / len(by_kind))
+                                               if args.refill == "batched" else None)
+            for group in sampled:
+                kinds[source[group[0].group_id]]["sampled"] += 1
+                kinds[source[group[0].group_id]]["informative"] += informative([e.reward for e in group])
             record["time/rollout_s"] = time.perf_counter() - began
             trained = [e for group in kept for e in group]
-            record.update(rollout_stats(sampled), num_gen_batches=rounds, trained_trajectories=len(trained))
+            for group in kept:  # kept groups by the kind of question (fill_batch balances them)
+                record[f"kept/{source[group[0].group_id]}"] = record.get(f"kept/{source[group[0].group_id]}", 0) + 1
+            record.update(rollout_stats(sampled), num_gen_batches=rounds, trained_trajectories=len(trained),
+                          sampled_trajectories=sum(len(group) for group in sampled))
 
             # Advantages and the update (nothing to learn from if every group was uninformative)
             began = time.perf_counter()
