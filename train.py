@@ -336,7 +336,11 @@ def main(argv=None):
         else:
             questions = next_questions(train_set, count, data_state, args.seed)
         examples = [q for q in questions for _ in range(args.group_size)]
-        group_ids = [f"{q.id}#{step}.{round_}.{i}" for i, q in enumerate(questions) for _ in range(args.group_size)]
+        # Rounds of B number their groups one after another across the run (sampling seeds come from group ids,
+        # so this keeps the draws of the recorded demo runs); a batched round names step, round and place.
+        first = (step * args.max_gen_rounds + round_) * args.batch_prompts
+        names = [f"{first + i}" if args.refill == "rounds" else f"{step}.{round_}.{i}" for i in range(len(questions))]
+        group_ids = [f"{q.id}#{name}" for q, name in zip(questions, names) for _ in range(args.group_size)]
         with gathered(model), autocast(device_type, args.amp):
             episodes = generate_episodes(model, tokenizer, index, examples, group_ids, sampling)
         score_episodes(episodes, examples)
