@@ -5,8 +5,8 @@ For each question q the policy samples a group of G trajectories y_1..y_G with r
 1. Group advantage (no critic):    A_i = (r_i - mean_j r_j) / (std_j r_j + 1e-6)
 2. Dynamic filter: a group whose rewards are all equal has A_i = 0 for every member and carries no
    signal, so it is dropped and further questions are sampled until the batch holds B informative
-   groups or a cap on generation rounds is reached. Each round oversamples by the informative rate seen
-   so far (B / rate groups), so one large batched round does what several small ones would.
+   groups or a cap on generation rounds is reached. A round samples B groups, or (the batched refill)
+   B / (the share of groups kept so far), so one large round does what several small ones would.
 3. Sequence-level importance ratio over M_i, the tokens the model generated itself (prompt and
    retrieved <information> tokens are excluded):
        s_i = exp( 1/|M_i| * sum_{t in M_i} (log pi_theta(y_i,t) - log pi_old(y_i,t)) )

@@ -329,7 +329,7 @@ def main(argv=None):
     def sample_round(step: int, round_: int, count: int) -> list[list]:
         """Round `round_` of step `step`: `count` new questions, G scored trajectories each, as groups. With the
         batched refill each kind is asked in proportion to 1 / its kept share, else the next of one shuffle.
-        Group ids name the step, round and place, so they stay unique if a question comes back (and on resume)."""
+        Group ids stay unique if a question comes back (and on resume)."""
         if args.refill == "batched" and not args.no_filter:
             weights = {kind: 1 / kept_share(kind) for kind in by_kind}
             questions = questions_by_kind(by_kind, weights, count, kinds, args.seed)
@@ -375,8 +375,8 @@ def main(argv=None):
                 kinds[source[group[0].group_id]]["informative"] += informative([e.reward for e in group])
             record["time/rollout_s"] = time.perf_counter() - began
             trained = [e for group in kept for e in group]
-            for group in kept:  # kept groups by the kind of question (fill_batch balances them)
-                record[f"kept/{source[group[0].group_id]}"] = record.get(f"kept/{source[group[0].group_id]}", 0) + 1
+            for kind in [source[group[0].group_id] for group in kept]:  # kept groups by kind of question
+                record[f"kept/{kind}"] = record.get(f"kept/{kind}", 0) + 1
             record.update(rollout_stats(sampled), num_gen_batches=rounds, trained_trajectories=len(trained),
                           sampled_trajectories=sum(len(group) for group in sampled))
 
