@@ -231,7 +231,7 @@ def trim_metrics(path: Path, step: int) -> int:
         try:
             record = json.loads(line)
             keep = record["step"] < step or (record["step"] == step and
-                                             all(key == "step" or key.startswith("val/") for key in record))
+                                             all(key in ("step", "time/eval_s") or key.startswith("val/") for key in record))
         except (ValueError, KeyError, TypeError):
             keep = not line.strip()
         (kept if keep else dropped).append(line if line.endswith("\n") else line + "\n")

@@ -12,6 +12,8 @@ rollout.py calls generate_turn() once per turn. What happens underneath:
   generate() returned, less finished episodes, and encodes per row only its last sampled token and
   [left padding | observation]. Padding and tokens after a stop stay in the cache, masked out; positions
   count only attended tokens, so the model sees what re-encoding the unpadded episode would show it.
+- The KV cache keeps spare room (spare_room_cache): a step writes its keys and values in place, where
+  transformers' DynamicCache would concatenate, copying every cached key and value of every layer each step.
 
 Left out: speculative decoding, paged attention, and continuous batching (a row that finishes early idles
 until its batch's turn ends).
@@ -23,7 +25,12 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+
+try:
+    from transformers.cache_utils import DynamicLayer
+except ImportError:  # a transformers without cache layers: spare_room_cache falls back to DynamicCache
+    DynamicLayer = None
 
 
 class StopAtTags(StoppingCriteria):
@@ -64,12 +71,60 @@ def shared_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
+if DynamicLayer is not None:
+    class SpareRoomLayer(DynamicLayer):
+        """One layer's keys and values [B, H, T, D] as views of buffers with room for more positions. A step
+        writes its new positions into the room; only when it runs out are the buffers reallocated, half as large
+        again. A method of DynamicLayer that replaces the tensors (selecting or repeating rows, cropping) is
+        followed by a copy into fresh buffers at the next update. The values are the ones concatenation gives."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length, new = self.keys.shape[-2] if self.keys.numel() else 0, key_states.shape[-2]
+            buffers = getattr(self, "buffers", None)
+            if buffers is None or length + new > buffers[0].shape[-2] or not _views_of(self.keys, buffers[0]) or \
+                    not _views_of(self.values, buffers[1]):
+                room = max(length + new + 64, (length + new) * 3 // 2)
+                buffers = tuple(state.new_empty(*state.shape[:2], room, state.shape[3])
+                                for state in (key_states, value_states))
+                if length:
+                    buffers[0][:, :, :length], buffers[1][:, :, :length] = self.keys, self.values
+                self.buffers = buffers
+            buffers[0][:, :, length:length + new], buffers[1][:, :, length:length + new] = key_states, value_states
+            self.keys, self.values = buffers[0][:, :, :length + new], buffers[1][:, :, :length + new]
+            return self.keys, self.values
+
+
+def _views_of(state: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """True when `state` is the first positions of `buffer` (the same memory, rows and heads)."""
+    return state.numel() > 0 and state.data_ptr() == buffer.data_ptr() and state.shape[:2] == buffer.shape[:2] \
+        and state.stride() == buffer.stride()
+
+
+def spare_room_cache(model):
+    """An empty KV cache for `model` whose full-attention layers keep spare room (SpareRoomLayer); sliding-window
+    and other special layers stay transformers' own. A DynamicCache where transformers has no cache layers."""
+    try:
+        cache = DynamicCache(config=getattr(model, "config", None))
+    except TypeError:
+        return DynamicCache()
+    if DynamicLayer is None:
+        return cache
+    if getattr(cache, "layers", None):  # made from the config, one per layer
+        cache.layers = [SpareRoomLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    elif getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:  # no config: layers made as needed
+        cache.layer_class_to_replicate = SpareRoomLayer
+    return cache
+
+
 def prefix_cache(model, prefix: list[int]):
     """KV cache of the shared prompt prefix, batch 1. Every episode's first turn (every turn without
     reuse_cache) starts from it, so the few-shot history is encoded once per rollout, not per episode."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        return model(input_ids=torch.tensor([prefix], device=device), use_cache=True)[cache_keyword(model)]
+        return model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
+                     **{cache_keyword(model): spare_room_cache(model)})[cache_keyword(model)]
 
 
 def cache_keyword(model) -> str:
@@ -135,7 +190,7 @@ def generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strin
     stopper = StopAtTags(tokenizer, stop_strings, eos_ids, width)
     config = sampler_config(max_new_tokens, greedy, temperature, pad_id, eos_ids)
     device = next(model.parameters()).device
-    kwargs = {cache_keyword(model): state.cache} if state.cache is not None else {}
+    kwargs = {cache_keyword(model): state.cache if state.cache is not None else spare_room_cache(model)}
     # generate() fills every setting the config leaves unset from model.generation_config, which a checkpoint's
     # generation_config.json sets (Qwen2.5-Instruct: repetition_penalty, top_k, top_p, temperature, do_sample):
     # a blank one stands in for the call, so nothing is inherited. synced_gpus=False: the parameters are

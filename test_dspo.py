@@ -1210,7 +1210,8 @@ class ScriptedPolicy(torch.nn.Module):
         self.tokenizer, self.turns = tokenizer, turns
         self.observations_in_prompt = prompt.count("<information>")
 
-    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, synced_gpus):  # no KV cache
+    def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, synced_gpus,
+                 past_key_values=None):  # the cache it is given stays empty: every turn reads the whole context
         eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         rows = []
         for row in input_ids.tolist():
@@ -1455,6 +1456,31 @@ def test_reusing_each_episodes_cache_across_turns_samples_the_same_tokens(world,
     runs = _reuse_runs(model, tokenizer, world, prompts, temperature=1.0, share_prefix=False)
     assert _outcomes(runs[True]) == _outcomes(runs[False])
     assert max(e.num_turns for e in runs[True]) == 3 and sum(e.valid_searches for e in runs[True]) >= 2
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_spare_room_cache_samples_the_tokens_concatenation_samples(world, monkeypatch, greedy):
+    # Rows leave the batch between turns (selected rows), the prefix is repeated per row, turns append.
+    import generation
+    model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
+    spare = _reuse_runs(model, tokenizer, world, prompts, greedy=greedy, temperature=1.0)[True]
+    monkeypatch.setattr(generation, "spare_room_cache", lambda model: generation.DynamicCache())
+    concatenated = _reuse_runs(model, tokenizer, world, prompts, greedy=greedy, temperature=1.0)[True]
+    assert _outcomes(spare) == _outcomes(concatenated)
+    assert {e.num_turns for e in spare} == {1, 2, 3}
+
+
+def test_a_spare_room_layer_writes_in_place_until_full_then_grows():
+    from generation import SpareRoomLayer
+    layer, keys = SpareRoomLayer(), torch.randn(2, 3, 100, 4)
+    first, _ = layer.update(keys[:, :, :70], keys[:, :, :70])
+    room = layer.buffers[0].shape[-2]
+    assert room == 134 and torch.equal(first, keys[:, :, :70])  # 70 + 64 spare positions
+    second, _ = layer.update(keys[:, :, 70:71], keys[:, :, 70:71])
+    assert second.data_ptr() == first.data_ptr() and torch.equal(second, keys[:, :, :71])  # written in place
+    layer.batch_select_indices(torch.tensor([1]))  # DynamicLayer replaces the tensors: copied at the next update
+    third, _ = layer.update(keys[1:, :, 71:100], keys[1:, :, 71:100])
+    assert torch.equal(third, keys[1:, :, :100]) and layer.buffers[0].shape == (1, 3, 164, 4)
 
 
 # ============================================================================ reward
@@ -2952,15 +2978,15 @@ def test_only_plot_py_imports_matplotlib_and_only_when_drawing():
 @pytest.mark.slow
 def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_path):
     from tools import ablation
-    runs = ablation.main(["--minutes", "1e-6", "--seeds", "0,1", "--eval-every", "1", "--out", str(tmp_path),
-                          "--", *TINY_RUN])
+    runs = ablation.main(["--minutes", "1e-6", "--seeds", "0,1", "--out", str(tmp_path), "--", *TINY_RUN])
     assert {label: [p.name for p in paths] for label, paths in runs.items()} == {
         "DSPO": ["dspo-seed0", "dspo-seed1"], "DSPO, no filter": ["dspo-nofilter-seed0", "dspo-nofilter-seed1"],
-        "GRPO (token-level)": ["grpo-seed0", "grpo-seed1"]}
+        "token-level GRPO with the filter": ["grpo-seed0", "grpo-seed1"]}
     assert all(ablation.finished(path) for paths in runs.values() for path in paths)
     assert (tmp_path / "ablation.png").read_bytes()[:8] == PNG_SIGNATURE
     table = (tmp_path / "ablation.md").read_text()
     assert all(f"| {label} |" in table for label in runs)
+    assert all(f"| {label} | {seed} | 1 |" in table for label in runs for seed in (0, 1))  # per seed: one step
     written = {path: (path / "metrics.jsonl").read_bytes() for paths in runs.values() for path in paths}
     (runs["DSPO"][1] / "metrics.jsonl").write_text('{"step": 0, "reward": 0.0}\n')  # as if cut off mid-run
     ablation.main(["--minutes", "1e-6", "--seeds", "0,1", "--out", str(tmp_path), "--", *TINY_RUN])
@@ -2969,18 +2995,37 @@ def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_pat
     assert ablation.finished(runs["DSPO"][1])
 
 
+@pytest.mark.slow
+def test_ablation_gives_the_other_methods_the_wall_time_of_dspos_default_run(tmp_path):
+    from tools import ablation
+    runs = ablation.main(["--seeds", "0", "--out", str(tmp_path), "--", *TINY_RUN, "--steps", "2"])
+    dspo = ablation.records(runs["DSPO"][0])
+    assert [r["step"] for r in dspo] == [0, 1, 2] and "val/em" in dspo[0] and "val/em" in dspo[2]
+    budget = ablation.loop_minutes(runs["DSPO"][0]) * 60
+    for label in ("DSPO, no filter", "token-level GRPO with the filter"):
+        loop = [r["time/loop_s"] for r in ablation.records(runs[label][0]) if "reward" in r]
+        # It stops after the step that crosses DSPO's time, and evaluates only at its first and last step.
+        assert loop[-1] >= budget - 1e-3 and (len(loop) == 1 or loop[-2] < budget + 1e-3), (label, loop, budget)
+        assert [r["step"] for r in ablation.records(runs[label][0]) if "val/em" in r] == [0, len(loop)]
+
+
 # --- bench_step.py --------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_step_benchmark_runs_both_schedules_and_prints_their_ratio(capsys, monkeypatch):
+def test_step_benchmark_runs_the_schedules_and_prints_their_ratios(capsys, monkeypatch):
+    import generation
     from tools import bench_step
     monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
-    bench_step.main(["--model", "tiny", "--steps", "1"])
-    table = capsys.readouterr().out.split("| | rounds | batched |")[1]
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:] if line}
-    assert rows["generation rounds a step"][:2] == ["3.00", "1.00"]  # rounds: 3 of B; batched: one
-    assert rows["trajectories sampled a step"][:2] == ["48.00", "48.00"]  # the same cap, B x max-gen-rounds
-    assert float(rows["step s"][0]) > 0 and float(rows["step s"][1]) > 0
+    spare_room_cache = generation.spare_room_cache
+    rows = bench_step.main(["--model", "tiny", "--steps", "1", "--schedules", "before,now,batched"])
+    assert generation.spare_room_cache is spare_room_cache  # "before" puts the concatenating cache back
+    table = capsys.readouterr().out.split("| | before | now | batched |")[1]
+    printed = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:] if line}
+    assert printed["generation rounds a step"][:3] == ["3.00", "3.00", "1.00"]  # rounds: 3 of B; batched: one
+    assert printed["trajectories sampled a step"][:3] == ["48.00", "48.00", "48.00"]  # cap: B x max-gen-rounds
+    # before and now sample the same questions with the same seeds: the same work, only the speed-ups differ.
+    assert rows["before"]["trained"] == rows["now"]["trained"] and rows["before"]["step"] > 0
+    assert float(printed["step s"][3]) == pytest.approx(rows["now"]["step"] / rows["before"]["step"], abs=0.01)
 
 
 # --- probe.py -------------------------------------------------------------------------------------

@@ -308,8 +308,10 @@ def main(argv=None):
         say(f"resumed from {checkpoint} at step {start}")
 
     def evaluation() -> dict:
+        began = time.perf_counter()
         with gathered(model), autocast(device_type, args.amp):
-            return evaluate(model, tokenizer, index, eval_set, sampling)
+            result = evaluate(model, tokenizer, index, eval_set, sampling)
+        return {**result, "time/eval_s": time.perf_counter() - began}
 
     # Each kind of question (its source: synthetic-1hop, nq, ...) is read from its own shuffle and keeps its
     # own count of groups sampled and kept, so a round can ask each kind in proportion to how rarely the filter
@@ -391,6 +393,7 @@ def main(argv=None):
             else:
                 record["skipped"] = 1
             record["time/update_s"] = time.perf_counter() - began
+            record["time/loop_s"] = spent = time.perf_counter() - loop_began  # the clock --max-minutes reads
 
             # Log
             log.write(json.dumps(record) + "\n")
@@ -405,7 +408,6 @@ def main(argv=None):
             # Checkpoint; stop on a signal (every rank after the same step) or when out of time
             done = step + 1
             stopping = all_reduce(len(stop), "max") > 0
-            spent = time.perf_counter() - loop_began
             out_of_time = all_reduce(int(bool(args.max_minutes) and spent >= 60 * args.max_minutes), "max") > 0
             if done % args.save_every == 0 or done == args.steps or stopping or out_of_time:
                 save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, data_state, args.keep,

@@ -1,16 +1,19 @@
-"""Training-step benchmark: refilling in rounds against the batched refill, in one process, on one model and one
-world, each for --steps steps of train.py (no evaluation), printed as a markdown table.
+"""Training-step benchmark: the step as train.py took it on 2026-12-01 against today's defaults (and, asked for,
+the batched refill), in one process, on one model and one world, each for --steps steps of train.py (no
+evaluation), printed as a markdown table.
 
     python -m tools.bench_step                       # SmolLM2-135M-Instruct, 3 steps of each (CPU)
-    python -m tools.bench_step --model tiny --steps 1
+    python -m tools.bench_step --schedules before,now,batched --model tiny --steps 1
 
-"rounds": train.py's defaults as they were before grouped attention: every round samples B groups, one
-round after another, and transformers copies every key/value head once per query head when a batch is
-padded (TRANSFORMERS_SDPA_FORCE_GQA=0). "batched": --refill batched (one round that oversamples by the
-share of groups kept so far, kinds balanced) with grouped attention without the copies (models.py's
-default on CPU). A step is its rollout (all rounds) plus its update, as train.py logs them (time/rollout_s,
-time/update_s). The schedules keep different numbers of groups a step, so the table also gives informative
-groups and trained trajectories per minute of steps: the learning a minute buys.
+"before": the defaults with the two speed-ups since undone: transformers copies every key/value head once per
+query head when a batch is padded (TRANSFORMERS_SDPA_FORCE_GQA=0), and the sampler's KV cache concatenates
+(a DynamicCache, which copies every cached key and value of every layer each decoding step). "now": the
+defaults (grouped attention without the copies on CPU, a KV cache with spare room). "batched": the defaults
+with --refill batched (one round that oversamples by the share of groups kept so far, kinds balanced).
+A step is its rollout (all rounds) plus its update, as train.py logs them (time/rollout_s, time/update_s).
+Schedules that keep different numbers of groups a step are compared by informative groups and trained
+trajectories per minute of steps too: the learning a minute buys. Every schedule samples the same
+questions with the same seeds, so "before" and "now" differ in float rounding only.
 """
 import argparse
 import datetime
@@ -22,17 +25,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import generation
 import train
 
-SCHEDULES = {"rounds": ["--refill", "rounds"], "batched": ["--refill", "batched"]}
+SCHEDULES = {"before": [], "now": [], "batched": ["--refill", "batched"]}
 
 
 def run_schedule(name: str, model: str, steps: int, seed: int, folder: Path) -> dict:
-    """train.main with the schedule's flags for `steps` steps; the per-step means of its metrics."""
-    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "0" if name == "rounds" else "1"
+    """train.main with the schedule's flags and speed-ups for `steps` steps; the per-step means of its metrics."""
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "0" if name == "before" else "1"
+    spare_room_cache = generation.spare_room_cache
+    if name == "before":
+        generation.spare_room_cache = lambda model: generation.DynamicCache()
     out = folder / name
-    train.main(["--model", model, "--steps", str(steps), "--eval-every", "0", "--seed", str(seed),
-                "--out", str(out), *SCHEDULES[name]])
+    try:
+        train.main(["--model", model, "--steps", str(steps), "--eval-every", "0", "--seed", str(seed),
+                    "--out", str(out), *SCHEDULES[name]])
+    finally:
+        generation.spare_room_cache = spare_room_cache
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "time/rollout_s" in r]
     seconds = sum(r["time/rollout_s"] + r["time/update_s"] for r in records)
@@ -46,24 +56,35 @@ def run_schedule(name: str, model: str, steps: int, seed: int, folder: Path) -> 
             "trajectories/min": trained / (seconds / 60)}
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="SmolLM2-135M-Instruct", help="model ('tiny' to check the script)")
     p.add_argument("--steps", type=int, default=3, help="training steps of each schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, question order and sampling")
+    p.add_argument("--schedules", default="before,now", help=f"comma-separated, the first the baseline: "
+                   f"{', '.join(SCHEDULES)}")
     args = p.parse_args(argv)
+    names = args.schedules.split(",")
+    unknown = [name for name in names if name not in SCHEDULES]
+    if unknown:
+        p.error(f"--schedules {args.schedules}: unknown {', '.join(unknown)} (known: {', '.join(SCHEDULES)})")
     print(f"{datetime.datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {args.model}, {args.steps} steps of each schedule")
     with tempfile.TemporaryDirectory() as folder:
-        rows = {name: run_schedule(name, args.model, args.steps, args.seed, Path(folder)) for name in SCHEDULES}
+        rows = {name: run_schedule(name, args.model, args.steps, args.seed, Path(folder)) for name in names}
     keys = [("rollout", "rollout s a step"), ("update", "update s a step"), ("step", "step s"),
             ("rounds", "generation rounds a step"), ("sampled", "trajectories sampled a step"),
             ("trained", "trajectories trained a step"), ("groups/min", "informative groups a minute"),
             ("trajectories/min", "trained trajectories a minute")]
-    print("\n| | rounds | batched | batched / rounds |\n|---|---|---|---|")
+    base = names[0]
+    print("\n| | " + " | ".join(names) + " | " + " | ".join(f"{n} / {base}" for n in names[1:]) + " |")
+    print("|---|" + "---|" * (2 * len(names) - 1))
     for key, label in keys:
-        rounds, batched = rows["rounds"][key], rows["batched"][key]
-        print(f"| {label} | {rounds:.2f} | {batched:.2f} | {batched / rounds if rounds else float('nan'):.2f} |")
+        values = [rows[name][key] for name in names]
+        ratios = [value / values[0] if values[0] else float("nan") for value in values[1:]]
+        print(f"| {label} | " + " | ".join(f"{v:.2f}" for v in values) + " | " +
+              " | ".join(f"{r:.2f}" for r in ratios) + " |")
+    return rows
 
 
 if __name__ == "__main__":
