@@ -26,11 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
-
-try:
-    from transformers.cache_utils import DynamicLayer
-except ImportError:  # a transformers without cache layers: spare_room_cache falls back to DynamicCache
-    DynamicLayer = None
+from transformers.cache_utils import DynamicLayer
 
 
 class StopAtTags(StoppingCriteria):
@@ -71,29 +67,47 @@ def shared_prefix_length(sequences: list[list[int]]) -> int:
     return length
 
 
-if DynamicLayer is not None:
-    class SpareRoomLayer(DynamicLayer):
-        """One layer's keys and values [B, H, T, D] as views of buffers with room for more positions. A step
-        writes its new positions into the room; only when it runs out are the buffers reallocated, half as large
-        again. A method of DynamicLayer that replaces the tensors (selecting or repeating rows, cropping) is
-        followed by a copy into fresh buffers at the next update. The values are the ones concatenation gives."""
+class SpareRoomLayer(DynamicLayer):
+    """One layer's keys and values [B, H, T, D] as the first T positions of buffers [B, H, T + room, D]. An
+    update writes its positions into the room; only when they do not fit are new buffers allocated (with
+    ROOM positions to spare) and the cache copied once. Selecting or repeating rows makes new tensors, as in
+    DynamicLayer; the old buffers are dropped then and the next update copies into new ones. The keys and
+    values are the ones concatenation gives."""
 
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            length, new = self.keys.shape[-2] if self.keys.numel() else 0, key_states.shape[-2]
-            buffers = getattr(self, "buffers", None)
-            if buffers is None or length + new > buffers[0].shape[-2] or not _views_of(self.keys, buffers[0]) or \
-                    not _views_of(self.values, buffers[1]):
-                room = max(length + new + 64, (length + new) * 3 // 2)
-                buffers = tuple(state.new_empty(*state.shape[:2], room, state.shape[3])
-                                for state in (key_states, value_states))
-                if length:
-                    buffers[0][:, :, :length], buffers[1][:, :, :length] = self.keys, self.values
-                self.buffers = buffers
-            buffers[0][:, :, length:length + new], buffers[1][:, :, length:length + new] = key_states, value_states
-            self.keys, self.values = buffers[0][:, :, :length + new], buffers[1][:, :, :length + new]
-            return self.keys, self.values
+    ROOM = 256  # spare positions a new buffer gets: a turn's tokens mostly fit, and memory grows by little
+
+    def __init__(self):
+        super().__init__()
+        self.buffers = None  # (keys, values) [B, H, T + room, D] while self.keys and self.values are views of them
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+            self.keys = self.values = key_states.new_empty(0)
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        end = length + key_states.shape[-2]
+        if self.buffers is None or end > self.buffers[0].shape[-2] or not _views_of(self.keys, self.buffers[0]) \
+                or not _views_of(self.values, self.buffers[1]):
+            self.buffers = None  # freed before the new ones are made
+            self.buffers = tuple(state.new_empty(*state.shape[:2], end + self.ROOM, state.shape[3])
+                                 for state in (key_states, value_states))
+            if length:
+                self.buffers[0][:, :, :length], self.buffers[1][:, :, :length] = self.keys, self.values
+        self.buffers[0][:, :, length:end], self.buffers[1][:, :, length:end] = key_states, value_states
+        self.keys, self.values = self.buffers[0][:, :, :end], self.buffers[1][:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices):
+        super().batch_select_indices(indices)
+        self.buffers = None
+
+    def batch_repeat_interleave(self, repeats):
+        super().batch_repeat_interleave(repeats)
+        self.buffers = None
+
+    def reset(self):
+        super().reset()
+        self.buffers = None
 
 
 def _views_of(state: torch.Tensor, buffer: torch.Tensor) -> bool:
@@ -104,16 +118,11 @@ def _views_of(state: torch.Tensor, buffer: torch.Tensor) -> bool:
 
 def spare_room_cache(model):
     """An empty KV cache for `model` whose full-attention layers keep spare room (SpareRoomLayer); sliding-window
-    and other special layers stay transformers' own. A DynamicCache where transformers has no cache layers."""
-    try:
-        cache = DynamicCache(config=getattr(model, "config", None))
-    except TypeError:
-        return DynamicCache()
-    if DynamicLayer is None:
-        return cache
-    if getattr(cache, "layers", None):  # made from the config, one per layer
+    and other special layers stay transformers' own."""
+    cache = DynamicCache(config=getattr(model, "config", None))
+    if cache.layers:  # made from the config, one per layer
         cache.layers = [SpareRoomLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
-    elif getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:  # no config: layers made as needed
+    elif cache.layer_class_to_replicate is DynamicLayer:  # no config: layers are made as they are needed
         cache.layer_class_to_replicate = SpareRoomLayer
     return cache
 

@@ -26,7 +26,7 @@ PRESETS = {
     "laptop": dict(dtype="float32", amp=False, rounding="kahan", grad_checkpointing=False, template="few-shot",
                    batch_prompts=4, group_size=4, max_turns=2, topk=1, max_turn_tokens=24,
                    max_response_tokens=320, temperature=0.5, rollout_batch=64, steps=10, lr=5e-6, warmup=0,
-                   micro_batch=8, micro_batch_tokens=0, eval_every=10, eval_size=0, save_every=10),
+                   micro_batch=8, micro_batch_tokens=0, eval_every=10, eval_size=120, save_every=10),
     "one GPU": dict(dtype="bfloat16", amp=False, rounding="stochastic", grad_checkpointing=True,
                     template="zero-shot", batch_prompts=64, group_size=5, max_turns=4, topk=3, max_turn_tokens=500,
                     max_response_tokens=4096, temperature=1.0, rollout_batch=64, steps=500, lr=1e-6, warmup=285,
@@ -57,8 +57,9 @@ LAPTOP_REASONS = {
     "warmup": "ten steps leave no room for a warm-up",
     "micro_batch": "a whole mini-batch in one pass, so the shared prompt prefix is encoded once",
     "micro_batch_tokens": "no cap is needed at this size",
-    "eval_every": "evaluates before the first step and after the last only: each evaluation costs as much as a step",
-    "eval_size": "the whole held-out split, so that one question moves EM by 1/120, not 1/32",
+    "eval_every": "with the preset's steps, evaluates before the first step and after the last only",
+    "eval_size": "all of the synthetic world's held-out questions, so one question moves EM as little as it can "
+                 "(other data: that many, taken in turn from each source)",
     "save_every": "one checkpoint, at the end",
 }
 

@@ -9,6 +9,7 @@ Run: pytest test_dspo.py                  everything
 """
 import ast
 import collections
+import copy
 import dataclasses
 import gzip
 import io
@@ -1462,25 +1463,39 @@ def test_reusing_each_episodes_cache_across_turns_samples_the_same_tokens(world,
 def test_the_spare_room_cache_samples_the_tokens_concatenation_samples(world, monkeypatch, greedy):
     # Rows leave the batch between turns (selected rows), the prefix is repeated per row, turns append.
     import generation
+    from transformers.cache_utils import DynamicLayer
     model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
-    spare = _reuse_runs(model, tokenizer, world, prompts, greedy=greedy, temperature=1.0)[True]
+
+    def run():
+        torch.manual_seed(0)
+        decoder = TurnDecoder(model, tokenizer)
+        episodes = rollout(model, tokenizer, BM25Index(world.passages), prompts, list("abcdefgh"), max_turns=2,
+                           topk=2, max_turn_tokens=48, max_response_tokens=2000, decoder=decoder, greedy=greedy)
+        return episodes, type(decoder.state.cache.layers[0])
+
+    spare, spare_layer = run()
     monkeypatch.setattr(generation, "spare_room_cache", lambda model: generation.DynamicCache())
-    concatenated = _reuse_runs(model, tokenizer, world, prompts, greedy=greedy, temperature=1.0)[True]
+    concatenated, plain_layer = run()
+    assert (spare_layer, plain_layer) == (generation.SpareRoomLayer, DynamicLayer)
     assert _outcomes(spare) == _outcomes(concatenated)
     assert {e.num_turns for e in spare} == {1, 2, 3}
 
 
 def test_a_spare_room_layer_writes_in_place_until_full_then_grows():
     from generation import SpareRoomLayer
-    layer, keys = SpareRoomLayer(), torch.randn(2, 3, 100, 4)
+    room = SpareRoomLayer.ROOM
+    layer, keys = SpareRoomLayer(), torch.randn(2, 3, room + 100, 4)
     first, _ = layer.update(keys[:, :, :70], keys[:, :, :70])
-    room = layer.buffers[0].shape[-2]
-    assert room == 134 and torch.equal(first, keys[:, :, :70])  # 70 + 64 spare positions
+    assert layer.buffers[0].shape == (2, 3, 70 + room, 4) and torch.equal(first, keys[:, :, :70])
     second, _ = layer.update(keys[:, :, 70:71], keys[:, :, 70:71])
     assert second.data_ptr() == first.data_ptr() and torch.equal(second, keys[:, :, :71])  # written in place
-    layer.batch_select_indices(torch.tensor([1]))  # DynamicLayer replaces the tensors: copied at the next update
-    third, _ = layer.update(keys[1:, :, 71:100], keys[1:, :, 71:100])
-    assert torch.equal(third, keys[1:, :, :100]) and layer.buffers[0].shape == (1, 3, 164, 4)
+    copied = copy.deepcopy(layer)  # the shared prefix is copied before a batch appends to it
+    copied.update(keys[:, :, 71:72], keys[:, :, 71:72])
+    assert layer.keys.shape[-2] == 71 and torch.equal(copied.keys, keys[:, :, :72])
+    layer.batch_select_indices(torch.tensor([1]))  # DynamicLayer's new tensors: the old buffers are let go
+    assert layer.buffers is None
+    third, _ = layer.update(keys[1:, :, 71:room + 100], keys[1:, :, 71:room + 100])  # more than the room left
+    assert torch.equal(third, keys[1:, :, :room + 100]) and layer.buffers[0].shape == (1, 3, 2 * room + 100, 4)
 
 
 # ============================================================================ reward
@@ -2993,6 +3008,9 @@ def test_ablation_runs_every_method_and_seed_and_writes_figure_and_table(tmp_pat
     for path, before in written.items():  # finished runs are kept as they were; the cut-off one ran again
         assert ((path / "metrics.jsonl").read_bytes() == before) == (path != runs["DSPO"][1])
     assert ablation.finished(runs["DSPO"][1])
+    with pytest.raises(SystemExit) as stop:  # the same folder with other flags is not resumed
+        ablation.main(["--minutes", "2", "--seeds", "0,1", "--out", str(tmp_path), "--", *TINY_RUN])
+    assert str(stop.value.code).startswith(f"error: {tmp_path} holds an ablation made with ")
 
 
 @pytest.mark.slow
@@ -3016,16 +3034,16 @@ def test_step_benchmark_runs_the_schedules_and_prints_their_ratios(capsys, monke
     import generation
     from tools import bench_step
     monkeypatch.delenv("TRANSFORMERS_SDPA_FORCE_GQA", raising=False)
-    spare_room_cache = generation.spare_room_cache
-    rows = bench_step.main(["--model", "tiny", "--steps", "1", "--schedules", "before,now,batched"])
-    assert generation.spare_room_cache is spare_room_cache  # "before" puts the concatenating cache back
-    table = capsys.readouterr().out.split("| | before | now | batched |")[1]
+    spare_room_cache, caches = generation.spare_room_cache, []
+    monkeypatch.setattr(generation, "spare_room_cache", lambda model: caches.append(model) or spare_room_cache(model))
+    rows = bench_step.main(["--model", "tiny", "--steps", "1", "--schedules", "copying,default,batched"])
+    assert caches and generation.spare_room_cache.__name__ == "<lambda>"  # the patched one came back after "copying"
+    table = capsys.readouterr().out.split("| | copying | default | batched |")[1]
     printed = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:] if line}
     assert printed["generation rounds a step"][:3] == ["3.00", "3.00", "1.00"]  # rounds: 3 of B; batched: one
     assert printed["trajectories sampled a step"][:3] == ["48.00", "48.00", "48.00"]  # cap: B x max-gen-rounds
-    # before and now sample the same questions with the same seeds: the same work, only the speed-ups differ.
-    assert rows["before"]["trained"] == rows["now"]["trained"] and rows["before"]["step"] > 0
-    assert float(printed["step s"][3]) == pytest.approx(rows["now"]["step"] / rows["before"]["step"], abs=0.01)
+    assert rows["copying"]["step"] > 0 and rows["default"]["step"] > 0
+    assert float(printed["step s"][3]) == pytest.approx(rows["default"]["step"] / rows["copying"]["step"], abs=0.01)
 
 
 # --- probe.py -------------------------------------------------------------------------------------

@@ -279,7 +279,7 @@ def main(argv=None):
         sys.exit(f"error: --batch-prompts {args.batch_prompts} is more than the {len(train_set):,} training questions "
                  f"of --data {args.data}; {fix}")
     index = open_index(corpus, args.corpus or f"--data {args.data}")
-    eval_set = take_in_turn(test_set, args.eval_size) if args.eval_size else test_set
+    eval_set = take_in_turn(test_set, args.eval_size) if 0 < args.eval_size < len(test_set) else test_set
     data = "the synthetic world of world.py (--data search-r1 for NQ + HotpotQA over wiki-18)" \
         if args.data == "synthetic" else args.data
     say(f"model {args.model} ({args.template}), data {data}: {len(train_set)} train / {len(test_set)} test "
@@ -321,7 +321,7 @@ def main(argv=None):
         by_kind.setdefault(question.source, []).append(question)
     kinds = data_state.setdefault("kinds", {kind: {"epoch": 0, "position": 0, "sampled": 0, "informative": 0}
                                             for kind in sorted(by_kind)})
-    source = {}  # group id -> its question's kind, for fill_batch's balance and the log
+    source = {}  # group id -> its question's kind, for fill_batch's balance and the log (this step's groups)
 
     def kept_share(kind: str) -> float:
         """The share of the kind's groups the filter kept so far (resumed runs included), from a prior of one
@@ -365,6 +365,7 @@ def main(argv=None):
 
             # Sample, and refill until B informative groups are in hand
             began = time.perf_counter()
+            source.clear()
             kept, rounds, sampled = fill_batch(lambda round_, count: sample_round(step, round_, count),
                                                args.batch_prompts, args.max_gen_rounds,
                                                informative_rate() if args.refill == "batched" else None,

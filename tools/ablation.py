@@ -7,13 +7,16 @@ equal wall time.
 For each seed, DSPO runs first: `python train.py <flags> --seed S`, train.py's defaults, its own number of
 steps. Its training loop's wall time (metrics' time/loop_s after its last step: evaluations, rollouts and
 updates) then becomes the --max-minutes of the other two methods on that seed, which run until a step
-crosses it (--minutes M instead gives every method, DSPO too, M minutes). Every run evaluates before its
-first step and after its last only (so evaluation costs each method the same), a seed fixes the synthetic
+crosses it, so each gets up to one step more than that (the tables give every run's minutes); --minutes M
+instead gives every method, DSPO too, M minutes. Every run evaluates before its first step and after its
+last only (so evaluation costs each method the same), a seed fixes the synthetic
 world, the held-out questions and the question order, and the runs of one seed follow each other, so a
 machine that slows down slows every method alike. At the end plot.py draws held-out EM and training reward
 against wall time (mean over seeds, min-max band) into <out>/ablation.png and writes the table, with one
 row per run, to <out>/ablation.md. A run folder that already holds a finished run (a metrics.jsonl with an
-evaluation-only last line) is kept, so an interrupted ablation resumes where it stopped.
+evaluation-only last line) is kept, so an interrupted ablation resumes where it stopped; a DSPO run made
+again (without --minutes) makes its seed's other runs again, and <out>/ablation.json refuses a resume with
+other flags.
 
 Left out: running methods in parallel (they would share the cores and their timings would mean nothing),
 and significance tests (three seeds say little; the tables report every seed).
@@ -29,7 +32,8 @@ from pathlib import Path
 # label: (run folder prefix, train.py flags). The GRPO runs keep the dynamic filter: only the loss differs.
 METHODS = {"DSPO": ("dspo", []), "DSPO, no filter": ("dspo-nofilter", ["--no-filter"]),
            "token-level GRPO with the filter": ("grpo", ["--loss", "grpo"])}
-ONLY_FIRST_AND_LAST = "1000000"  # --eval-every that evaluates at step 0 and after the last step only
+# An --eval-every beyond any run's last step: train.py then evaluates at step 0 and after the last step only.
+ONLY_FIRST_AND_LAST = "1000000"
 
 
 def records(run: Path) -> list[dict]:
@@ -45,7 +49,11 @@ def finished(run: Path) -> bool:
 
 def loop_minutes(run: Path) -> float:
     """Minutes of the run's training loop up to the end of its last step (what --max-minutes measures)."""
-    return max(r.get("time/loop_s", 0.0) for r in records(run)) / 60
+    seconds = [r["time/loop_s"] for r in records(run) if "time/loop_s" in r]
+    if not seconds:
+        sys.exit(f"error: {run}/metrics.jsonl has no time/loop_s (a run older than the equal-time ablation): "
+                 f"remove {run} or pass --minutes")
+    return max(seconds) / 60
 
 
 def per_seed_table(runs: dict[str, list[Path]]) -> str:
@@ -78,13 +86,20 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    made_with = {"minutes": args.minutes, "train.py flags": extra}
+    if (out / "ablation.json").exists() and json.loads((out / "ablation.json").read_text()) != made_with:
+        sys.exit(f"error: {out} holds an ablation made with {(out / 'ablation.json').read_text().strip()}, not "
+                 f"{json.dumps(made_with)}: pass another --out")
+    (out / "ablation.json").write_text(json.dumps(made_with) + "\n")
     runs = {method: [] for method in METHODS}
     for seed in seeds:
-        minutes = args.minutes
+        minutes, dspo_ran = args.minutes, False
         for method, (folder, flags) in METHODS.items():
             run = out / f"{folder}-seed{seed}"
             runs[method].append(run)
-            if not finished(run):
+            if not finished(run) or (dspo_ran and not args.minutes):  # a new DSPO run: a new time for the others
+                dspo_ran = dspo_ran or method == "DSPO"
                 timed = ["--steps", "100000", "--max-minutes", repr(minutes)] if minutes else []
                 command = [sys.executable, "train.py", *extra, *flags, "--seed", str(seed), *timed,
                            "--eval-every", ONLY_FIRST_AND_LAST, "--out", str(run)]

@@ -1,19 +1,19 @@
-"""Training-step benchmark: the step as train.py took it on 2026-12-01 against today's defaults (and, asked for,
+"""Training-step benchmark: train.py's step with and without the speed-ups that remove copies (and, asked for,
 the batched refill), in one process, on one model and one world, each for --steps steps of train.py (no
 evaluation), printed as a markdown table.
 
     python -m tools.bench_step                       # SmolLM2-135M-Instruct, 3 steps of each (CPU)
-    python -m tools.bench_step --schedules before,now,batched --model tiny --steps 1
+    python -m tools.bench_step --schedules copying,default,batched --model tiny --steps 1
 
-"before": the defaults with the two speed-ups since undone: transformers copies every key/value head once per
-query head when a batch is padded (TRANSFORMERS_SDPA_FORCE_GQA=0), and the sampler's KV cache concatenates
-(a DynamicCache, which copies every cached key and value of every layer each decoding step). "now": the
+"copying": the defaults with both copies put back: transformers copies every key/value head once per query
+head when a batch is padded (TRANSFORMERS_SDPA_FORCE_GQA=0), and the sampler's KV cache concatenates (a
+DynamicCache, which copies every cached key and value of every layer each decoding step). "default": the
 defaults (grouped attention without the copies on CPU, a KV cache with spare room). "batched": the defaults
 with --refill batched (one round that oversamples by the share of groups kept so far, kinds balanced).
 A step is its rollout (all rounds) plus its update, as train.py logs them (time/rollout_s, time/update_s).
 Schedules that keep different numbers of groups a step are compared by informative groups and trained
 trajectories per minute of steps too: the learning a minute buys. Every schedule samples the same
-questions with the same seeds, so "before" and "now" differ in float rounding only.
+questions with the same seeds, so "copying" and "default" differ in float rounding only.
 """
 import argparse
 import datetime
@@ -28,19 +28,21 @@ import torch
 import generation
 import train
 
-SCHEDULES = {"before": [], "now": [], "batched": ["--refill", "batched"]}
+# name: (train.py flags, grouped attention without head copies, the spare-room KV cache)
+SCHEDULES = {"copying": ([], False, False), "default": ([], True, True), "batched": (["--refill", "batched"], True, True)}
 
 
 def run_schedule(name: str, model: str, steps: int, seed: int, folder: Path) -> dict:
     """train.main with the schedule's flags and speed-ups for `steps` steps; the per-step means of its metrics."""
-    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "0" if name == "before" else "1"
+    flags, grouped_attention, spare_room = SCHEDULES[name]
+    os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if grouped_attention else "0"
     spare_room_cache = generation.spare_room_cache
-    if name == "before":
+    if not spare_room:  # the sampler's caches become transformers' own, which concatenate
         generation.spare_room_cache = lambda model: generation.DynamicCache()
     out = folder / name
     try:
         train.main(["--model", model, "--steps", str(steps), "--eval-every", "0", "--seed", str(seed),
-                    "--out", str(out), *SCHEDULES[name]])
+                    "--out", str(out), *flags])
     finally:
         generation.spare_room_cache = spare_room_cache
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -61,7 +63,7 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="SmolLM2-135M-Instruct", help="model ('tiny' to check the script)")
     p.add_argument("--steps", type=int, default=3, help="training steps of each schedule")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, question order and sampling")
-    p.add_argument("--schedules", default="before,now", help=f"comma-separated, the first the baseline: "
+    p.add_argument("--schedules", default="copying,default", help=f"comma-separated, the first the baseline: "
                    f"{', '.join(SCHEDULES)}")
     args = p.parse_args(argv)
     names = args.schedules.split(",")

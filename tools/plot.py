@@ -8,8 +8,8 @@ Each line of metrics.jsonl is one step of train.py. A step number written twice 
 checkpoint older than its last line) is one step: the lines are merged in file order, the later value
 winning for a key both hold. Metrics at step s describe the policy after s updates, so on the time axis
 they sit at the training minutes spent reaching it:  t(s) = sum over steps u < s of (time/rollout_s(u) +
-time/update_s(u)) / 60. Evaluation time is not logged and not counted, nor are steps lost to a crash
-and redone after --resume.
+time/update_s(u)) / 60. Evaluation time (time/eval_s) is not counted, nor are steps lost to a crash
+and redone after --resume; the table's "train minutes" are the same sum.
 
 Several seeds of one label are drawn as their mean on a common grid (the union of their x values where
 all seeds overlap, each seed linearly interpolated onto it) inside a shaded min-max band.
