@@ -330,7 +330,7 @@ def load_search_r1(cache=DEFAULT_CACHE, eval_only: bool = False,
     (none with `eval_only`), the seven evaluation sets of SEARCH_R1_EVAL, and wiki-18, each downloaded once
     into `cache`. `corpus`, a .jsonl or .jsonl.gz path (a local copy or subset of wiki-18), replaces the
     wiki-18 download. The small question files are fetched first, so a missing one stops the run before
-    the corpus download does. The corpus is returned as a path, for search.cached_index to index once and
+    the corpus download does. The corpus is returned as a path, for index_files.cached_index to index once and
     map afterwards (iter_corpus_jsonl reads it)."""
     train = [] if eval_only else load_qa_spec(SEARCH_R1_TRAIN, "train", cache)
     evaluation = load_qa_spec(SEARCH_R1_EVAL, "eval", cache)

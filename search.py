@@ -20,29 +20,17 @@ no dict of strings but the terms' UTF-8 bytes back to back plus the term ids in 
 binary search. A query is a scatter-add of its terms' weights into a score row, then a top-k selection among
 the passages it scored when they are few (rare terms), else over the whole row.
 
-On disk, `save` writes each array as .npy and the passages as one UTF-8 blob; `load` maps them, so loading
-takes milliseconds at any size, the processes of a host share one copy in the page cache, and a passage is
-decoded only when a hit asks for it. `build_index` streams passages into that layout (texts to the blob,
-postings spilled per chunk, then placed by term), and `cached_index` keys a folder by the corpus file's size
-and sha256, the BM25 parameters and the tokeniser, with a file lock so one process of a host builds while
-the others wait and then map it. `BM25Index(texts)` builds the same arrays in memory for small corpora.
+The index can also live on disk, memory-mapped, built once per host from a corpus file: index_files.py.
 
-Left out: stemming, phrase and proximity queries, dense retrievers and rerankers, sharing one index across
-hosts (each host builds or copies its own folder), and compressing postings below 5 bytes.
+Left out: stemming, phrase and proximity queries, dense retrievers and rerankers, and compressing postings
+below 5 bytes.
 """
 import bisect
-import fcntl
-import hashlib
-import json
-import os
 import re
-import shutil
-import socket
-import sys
 from collections import defaultdict
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 from tqdm import tqdm
@@ -58,7 +46,6 @@ BUILD_CHUNK = 10_000  # passages tokenised at a time, so the token strings of a 
 QUERY_BLOCK = 1 << 16  # postings weighed at a time: the temporaries stay in cache and small at any df
 SEPARATOR = " A "  # joins a chunk's lowercased passages: a word of its own that no lowercased text holds
 RESERVED = [*sorted(STOPWORDS), SEPARATOR.strip()]  # fixed ids below the terms', never indexed; separator last
-FORMAT = 1  # on-disk layout version; part of the cache key, so bump it whenever the layout changes
 # The index's arrays, saved one .npy each; texts.bin (the passages' UTF-8 bytes) is saved raw beside them.
 ARRAYS = ("indptr", "doc_ids", "tf", "idf", "norm", "term_bytes", "term_offsets", "term_order", "text_offsets")
 
@@ -113,47 +100,18 @@ class BM25Index:
         """Build in memory from `texts`, which the index keeps as they are (`index.texts is texts`)."""
         self._attach(texts, _build(texts, k1, b, epsilon), dict(k1=k1, b=b, epsilon=epsilon))
 
+    @classmethod
+    def from_arrays(cls, texts, arrays: dict, params: dict) -> "BM25Index":
+        """An index over `texts` from the arrays of ARRAYS as _build makes them (or index_files maps them)."""
+        index = cls.__new__(cls)
+        index._attach(texts, arrays, params)
+        return index
+
     def _attach(self, texts, arrays: dict, params: dict) -> None:
         self.texts, self.params, self.k1 = texts, params, params["k1"]
         self.indptr, self.doc_ids, self.tf = arrays["indptr"], arrays["doc_ids"], arrays["tf"]  # [V + 1], [P], [P]
         self.idf, self.norm = arrays["idf"], arrays["norm"]               # [V] floored idf, [N] length norms
         self.vocab = Vocabulary(arrays["term_bytes"], arrays["term_offsets"], arrays["term_order"])
-
-    @classmethod
-    def load(cls, folder) -> "BM25Index":
-        """Map an index `save` or `build_index` wrote to `folder`; nothing is read until a search touches it."""
-        folder = Path(folder)
-        manifest = json.loads((folder / "manifest.json").read_text())
-        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
-        texts = Passages(np.memmap(folder / "texts.bin", dtype=np.uint8, mode="r"), arrays["text_offsets"])
-        shapes = {"indptr": manifest["terms"] + 1, "doc_ids": manifest["postings"], "tf": manifest["postings"],
-                  "norm": manifest["passages"], "text_offsets": manifest["passages"] + 1}
-        if any(len(arrays[name]) != size for name, size in shapes.items()) or \
-                texts.offsets[-1] != len(texts.blob):
-            raise ValueError(f"{folder}: array sizes disagree with manifest.json (a partial copy?)")
-        index = cls.__new__(cls)
-        index._attach(texts, arrays, {name: manifest[name] for name in ("k1", "b", "epsilon")})
-        index.manifest = manifest
-        return index
-
-    def save(self, folder, key: dict | None = None) -> None:
-        """Write the index to `folder` (replacing what is there) via a temporary folder renamed into place."""
-        folder = Path(folder)
-        temp = _temp_folder(folder)
-        try:
-            arrays = {name: getattr(self, name) for name in ("indptr", "doc_ids", "tf", "idf", "norm")}
-            arrays.update(term_bytes=self.vocab.blob, term_offsets=self.vocab.offsets, term_order=self.vocab.order)
-            with open(temp / "texts.bin", "wb") as blob:
-                if isinstance(self.texts, Passages):  # a loaded index: its bytes are already the blob
-                    blob.write(memoryview(self.texts.blob))
-                    arrays["text_offsets"] = self.texts.offsets
-                else:
-                    arrays["text_offsets"] = _write_texts(blob, self.texts, range(0, len(self.texts), BUILD_CHUNK))
-            for name, array in arrays.items():
-                np.save(temp / f"{name}.npy", array)
-            _commit(temp, folder, _manifest(self.params, arrays, key))
-        finally:
-            shutil.rmtree(temp, ignore_errors=True)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -345,90 +303,6 @@ def _write_texts(file, texts, chunk_starts) -> np.ndarray:
         file.write(b"".join(encoded))
         ends.append(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
     return np.concatenate([[0], np.cumsum(np.concatenate(ends))])
-
-
-def build_index(passages: Iterable[str], folder, k1: float = 1.5, b: float = 0.75, epsilon: float = 0.25,
-                key: dict | None = None, progress: bool = True) -> BM25Index:
-    """Build the index of `passages` (any iterable of strings, read once) straight into `folder`, replacing
-    what is there, and map it. The passages are written to the text blob as they stream past, never kept."""
-    folder = Path(folder)
-    temp = _temp_folder(folder)
-    try:
-        arrays = _build(passages, k1, b, epsilon, temp, progress)
-        _commit(temp, folder, _manifest(dict(k1=k1, b=b, epsilon=epsilon), arrays, key))
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    return BM25Index.load(folder)
-
-
-def corpus_key(corpus_path, read_passages: Callable, k1: float, b: float, epsilon: float) -> dict:
-    """What an index of `corpus_path` depends on: the file's size and sha256, the reader's name, the BM25
-    parameters, the tokeniser and the layout. A cached index is used only if its key equals this one."""
-    path = Path(corpus_path)
-    try:
-        with open(path, "rb") as file:
-            digest = hashlib.file_digest(file, "sha256").hexdigest()
-    except OSError as error:
-        raise ValueError(f"{path}: cannot read the corpus ({error.strerror})") from None
-    tokenizer = hashlib.sha256(" ".join([WORD.pattern, *sorted(STOPWORDS)]).encode()).hexdigest()[:16]
-    return {"format": FORMAT, "tokenizer": tokenizer, "corpus_bytes": path.stat().st_size, "corpus_sha256": digest,
-            "reader": f"{read_passages.__module__}.{read_passages.__qualname__}", "k1": k1, "b": b, "epsilon": epsilon}
-
-
-def cached_index(corpus_path, folder, read_passages: Callable[[str], Iterable[str]], k1: float = 1.5,
-                 b: float = 0.75, epsilon: float = 0.25, progress: bool = True) -> BM25Index:
-    """The index of the passages `read_passages(corpus_path)` yields, mapped from `folder`/index if an index of
-    this very corpus and these parameters is there, else built there first. Processes of one host that call
-    this at once (torchrun ranks) take turns on a lock file in `folder`: the first builds, the others wait,
-    find the fresh index and map it, so the host holds one copy in its page cache."""
-    key = corpus_key(corpus_path, read_passages, k1, b, epsilon)  # before the lock: the ranks hash in parallel
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    index_folder = folder / "index"
-    with open(folder / "lock", "a") as lock:  # flock is released when the file closes, or its process dies
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"BM25 index: waiting for another process to finish {index_folder}", file=sys.stderr)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        index = _load_if_fresh(index_folder, key)
-        if index is None:
-            for leftover in folder.glob(".index.*-*"):  # temp folders of builds that died; none runs now
-                shutil.rmtree(leftover, ignore_errors=True)
-            index = build_index(read_passages(corpus_path), index_folder, k1, b, epsilon, key, progress)
-    return index
-
-
-def _load_if_fresh(folder: Path, key: dict) -> BM25Index | None:
-    """The index in `folder` if it loads and was built for `key`; None if it is stale, partial or absent."""
-    try:
-        index = BM25Index.load(folder)
-    except (OSError, ValueError, KeyError):  # no or broken manifest.json, a missing or cut-short array
-        return None
-    return index if index.manifest.get("key") == key else None
-
-
-def _manifest(params: dict, arrays: dict, key: dict | None) -> dict:
-    return {"format": FORMAT, **params, "passages": len(arrays["norm"]), "terms": len(arrays["idf"]),
-            "postings": len(arrays["doc_ids"]), "key": key,
-            "built_by": {"pid": os.getpid(), "host": socket.gethostname()}}
-
-
-def _temp_folder(folder: Path) -> Path:
-    temp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    temp.mkdir(parents=True)
-    return temp
-
-
-def _commit(temp: Path, folder: Path, manifest: dict) -> None:
-    """Write the manifest last and rename `temp` to `folder`, so a folder with a manifest is always whole."""
-    (temp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-    if folder.exists():  # rename cannot replace a non-empty folder; processes that mapped it keep their maps
-        folder.rename(old)
-    temp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _top_k(row: np.ndarray, k: int) -> np.ndarray:

@@ -46,7 +46,8 @@ from prompts import INVALID_ACTION, baseline_prompts, encode_prompt
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
 from rollout import MAX_QUERY_CHARS, Episode, RolloutSettings, collate, parse_action, rollout
 import search
-from search import (ARRAYS, BM25Index, Passages, build_index, cached_index, format_hits, tokenize)
+from index_files import build_index, cached_index, load_index, save_index
+from search import ARRAYS, BM25Index, Passages, format_hits, tokenize
 from settings import check_fit, check_paths, settings_table, state_bytes
 from tools import plot, probe
 from tools.plot import (MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary,
@@ -921,8 +922,8 @@ def corpus_reads(path) -> int:
 def test_save_then_load_gives_identical_hits_texts_and_arrays(tmp_path):
     texts = unicode_zipf_corpus(0, 300)
     index = BM25Index(texts)
-    index.save(tmp_path / "index")
-    loaded = BM25Index.load(tmp_path / "index")
+    save_index(index, tmp_path / "index")
+    loaded = load_index(tmp_path / "index")
     assert loaded.search(INDEX_QUERIES, 10) == index.search(INDEX_QUERIES, 10)
     assert len(loaded) == len(loaded.texts) == 300 and [loaded.texts[i] for i in range(300)] == texts
     for name in ("indptr", "doc_ids", "tf", "idf", "norm"):
@@ -943,8 +944,8 @@ def test_streamed_build_over_many_chunks_equals_the_in_memory_build(tmp_path, mo
 
 
 def test_a_loaded_index_maps_its_arrays_instead_of_reading_them(tmp_path):
-    BM25Index(unicode_zipf_corpus(2, 50)).save(tmp_path / "index")
-    loaded = BM25Index.load(tmp_path / "index")
+    save_index(BM25Index(unicode_zipf_corpus(2, 50)), tmp_path / "index")
+    loaded = load_index(tmp_path / "index")
     arrays = [loaded.indptr, loaded.doc_ids, loaded.tf, loaded.idf, loaded.norm, loaded.vocab.blob,
               loaded.vocab.offsets, loaded.vocab.order, loaded.texts.blob, loaded.texts.offsets]
     assert len(arrays) == len(ARRAYS) + 1  # every saved array, and the texts blob
@@ -954,8 +955,8 @@ def test_a_loaded_index_maps_its_arrays_instead_of_reading_them(tmp_path):
 
 def test_loaded_texts_are_decoded_from_the_file_only_when_read(tmp_path):
     texts = ["Paris\nParis is a city.", "Rome\nRome is a city.", "Tokyo\n東京 is a city."]
-    BM25Index(texts).save(tmp_path / "index")
-    loaded = BM25Index.load(tmp_path / "index")
+    save_index(BM25Index(texts), tmp_path / "index")
+    loaded = load_index(tmp_path / "index")
     assert isinstance(loaded.texts, Passages) and len(loaded.texts) == 3
     with open(tmp_path / "index" / "texts.bin", "r+b") as blob:  # same length, new bytes, after the load
         blob.seek(len("Paris\nParis is a city.".encode()))
@@ -970,8 +971,8 @@ def test_loaded_texts_are_decoded_from_the_file_only_when_read(tmp_path):
 @pytest.mark.parametrize("block", [search.QUERY_BLOCK, 7])  # 7: a term's postings weighed in many blocks
 def test_a_loaded_index_scores_exactly_as_rank_bm25(tmp_path, monkeypatch, seed, n_texts, block):
     texts = unicode_zipf_corpus(seed, n_texts)
-    BM25Index(texts).save(tmp_path / "index")
-    loaded = BM25Index.load(tmp_path / "index")
+    save_index(BM25Index(texts), tmp_path / "index")
+    loaded = load_index(tmp_path / "index")
     monkeypatch.setattr(search, "QUERY_BLOCK", block)
     for query, hits in zip(INDEX_QUERIES, loaded.search(INDEX_QUERIES, 5)):
         expected = rank_bm25_scores(texts, query)
@@ -1071,10 +1072,10 @@ def test_cached_index_rebuilds_a_partial_or_corrupt_folder(tmp_path, damage):
 
 
 def test_a_failed_build_keeps_the_previous_index_and_leaves_no_temporary_folder(tmp_path):
-    BM25Index(["Paris\nParis is a city."]).save(tmp_path / "index")
+    save_index(BM25Index(["Paris\nParis is a city."]), tmp_path / "index")
     with pytest.raises(ValueError, match="no indexable words"):
         build_index(iter(["", "the of"]), tmp_path / "index", progress=False)
-    assert BM25Index.load(tmp_path / "index").texts[0] == "Paris\nParis is a city."
+    assert load_index(tmp_path / "index").texts[0] == "Paris\nParis is a city."
     assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
 
 
@@ -2366,10 +2367,10 @@ def test_a_malformed_data_file_stops_with_one_line_naming_file_and_line(tmp_path
 
 
 def test_a_corpus_file_is_indexed_once_into_the_cache_and_mapped_by_later_runs(tmp_path, monkeypatch, index_cache):
-    import search
+    import index_files
     builds = []
-    build_index = search.build_index
-    monkeypatch.setattr(search, "build_index", lambda *a, **k: builds.append(1) or build_index(*a, **k))
+    build_index = index_files.build_index
+    monkeypatch.setattr(index_files, "build_index", lambda *a, **k: builds.append(1) or build_index(*a, **k))
     qa = write_lines(tmp_path / "qa.jsonl", [json.dumps({"question": f"Where is {city}?", "golden_answers": [city]})
                                              for city in ("Paris", "Rome", "Oslo")])
     corpus = write_lines(tmp_path / "corpus.jsonl", [json.dumps({"title": c, "text": f"{c} is a capital city."})
@@ -2765,12 +2766,12 @@ def test_under_torchrun_one_rank_builds_the_corpus_index_and_both_train_on_it(tm
     """--corpus with 2 processes: the ranks meet at the cache's lock, one builds, the other maps the result."""
     script = tmp_path / "run.py"  # every build appends its pid: exactly one line is expected
     script.write_text(f"import os, sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-                      "import search, train\nbuild_index = search.build_index\n"
+                      "import index_files, train\nbuild_index = index_files.build_index\n"
                       "def counted(*args, **kwargs):\n"
                       f"    with open({str(tmp_path / 'builds')!r}, 'a') as f:\n"
                       "        f.write(str(os.getpid()) + '\\n')\n"
                       "    return build_index(*args, **kwargs)\n"
-                      "search.build_index = counted\ntrain.run(sys.argv[1:])\n")
+                      "index_files.build_index = counted\ntrain.run(sys.argv[1:])\n")
     cities = ["Paris", "Rome", "Oslo", "Bern", "Lima", "Kyiv", "Riga", "Baku", "Doha", "Male", "Suva"]
     qa = write_lines(tmp_path / "qa.jsonl", [json.dumps({"question": f"Where is {c}?", "golden_answers": [c]})
                                              for c in cities])

@@ -44,7 +44,8 @@ from optimizer import make_optimizer
 from prompts import EXAMPLE_NAMES
 from reward import score_episodes
 from rollout import RolloutSettings, generate_episodes
-from search import BM25Index, cached_index
+from index_files import cached_index
+from search import BM25Index
 from settings import (apply_preset, check_fit, check_paths, continue_settings, device_bytes, preset_help,
                       settings_table)
 from update import UpdateSettings, autocast, update
@@ -210,7 +211,7 @@ def load_data(args):
 def open_index(corpus, name: str) -> BM25Index:
     """The BM25 index of `corpus`: built in memory from a list of passages; for a corpus file, built once
     into $DSPO_CACHE/index/ and mapped from there by every later run and by every process of this host
-    (search.cached_index). A corpus that cannot be indexed ends the run with one line naming `name`."""
+    (index_files.cached_index). A corpus that cannot be indexed ends the run with one line naming `name`."""
     try:
         if isinstance(corpus, list):
             return BM25Index(corpus)

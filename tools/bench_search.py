@@ -48,7 +48,8 @@ import types
 import numpy as np
 from rank_bm25 import BM25Okapi
 
-from search import STOPWORDS, BM25Index, build_index, tokenize
+from index_files import build_index, load_index
+from search import STOPWORDS, BM25Index, tokenize
 
 MIB = 2 ** 20
 STRING_TOKENS_UP_TO = 1_000_000  # bm25s also indexes token strings up to here; beyond, they would not fit in memory
@@ -186,7 +187,7 @@ def load_probe(folder: str, n_queries: int, topk: int, seed: int) -> dict:
     """What a training rank sees: load the index at `folder` in this (fresh) process, then search once."""
     queries = zipf_texts(n_queries, 2, 6, seed + 1)
     before = rss_mib()
-    load_s, index = timed(lambda: BM25Index.load(folder))
+    load_s, index = timed(lambda: load_index(folder))
     after_load = rss_mib()
     search_s = timed(lambda: index.search(queries, topk))[0]
     return {"load_s": load_s, "rss_load": after_load - before, "rss_search": rss_mib() - before,
@@ -274,7 +275,7 @@ def bench_scale_one(n: int, folder: str, n_queries: int, topk: int, repeats: int
         result["bm25s_strings_s"] = timed(lambda: bm25s.BM25(method="robertson").index(tokens, show_progress=False))[0]
         del tokens
     os.remove(corpus)
-    index = BM25Index.load(index_folder)
+    index = load_index(index_folder)
     query_tokens = [tokenize(query) for query in queries]
     index.search(queries[:8], topk)  # warm up both
     retriever.retrieve(query_tokens[:8], k=topk, show_progress=False)
