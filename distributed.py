@@ -92,7 +92,7 @@ def collective_failure(error: Exception) -> str | None:
 
 
 def destroy_processes() -> None:
-    """Leave the process group (if this process joined one) at the end of a finished run, all ranks together.
+    """End a finished run's processes (if this one joined a process group), all ranks together.
     A rank that tears down gloo's connections while another still uses them, or whose connection threads are
     still joinable when the interpreter exits, aborts ("terminate called without an active exception"), now
     and then, after the work is done. So every rank waits at a barrier and then leaves at once, without the

@@ -88,7 +88,6 @@ class SpareRoomLayer(DynamicLayer):
         end = length + key_states.shape[-2]
         if self.buffers is None or end > self.buffers[0].shape[-2] or not _views_of(self.keys, self.buffers[0]) \
                 or not _views_of(self.values, self.buffers[1]):
-            self.buffers = None  # freed before the new ones are made
             self.buffers = tuple(state.new_empty(*state.shape[:2], end + self.ROOM, state.shape[3])
                                  for state in (key_states, value_states))
             if length:

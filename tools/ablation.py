@@ -9,9 +9,9 @@ steps. Its training loop's wall time (metrics' time/loop_s after its last step: 
 updates) then becomes the --max-minutes of the other two methods on that seed, which run until a step
 crosses it, so each gets up to one step more than that (the tables give every run's minutes); --minutes M
 instead gives every method, DSPO too, M minutes. Every run evaluates before its first step and after its
-last only (so evaluation costs each method the same), a seed fixes the synthetic
-world, the held-out questions and the question order, and the runs of one seed follow each other, so a
-machine that slows down slows every method alike. At the end plot.py draws held-out EM and training reward
+last only (so evaluation costs each method the same), a seed fixes the synthetic world, the held-out
+questions and the question order, and the runs of one seed follow each other, so a machine that slows
+down slows every method alike. At the end plot.py draws held-out EM and training reward
 against wall time (mean over seeds, min-max band) into <out>/ablation.png and writes the table, with one
 row per run, to <out>/ablation.md. A run folder that already holds a finished run (a metrics.jsonl with an
 evaluation-only last line) is kept, so an interrupted ablation resumes where it stopped; a DSPO run made
