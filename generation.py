@@ -7,11 +7,12 @@ rollout.py calls generate_turn() once per turn. What happens underneath:
   the distribution dspo.token_logprobs scores.
 - Each row stops at its first end-of-turn token or completed stop tag (StopAtTags); the batch runs until
   the last row stops, and tokens a row samples after its stop are cut.
-- The prompt prefix all episodes share (instruction and worked examples) is encoded once (prefix_cache)
-  and its KV cache copied into the first turn. Each later turn continues from the cache the last turn's
-  generate() returned, less finished episodes, and encodes per row only its last sampled token and
-  [left padding | observation]. Padding and tokens after a stop stay in the cache, masked out; positions
-  count only attended tokens, so the model sees what re-encoding the unpadded episode would show it.
+- The prompt prefix all episodes share (instruction and worked examples) is encoded once while the weights
+  stay the same (prefix_cache) and its KV cache copied into the first turn. Each later turn continues from
+  the cache the last turn's generate() returned, less finished episodes, and encodes per row only its last
+  sampled token and [left padding | observation]. Padding and tokens after a stop stay in the cache, masked
+  out; positions count only attended tokens, so the model sees what re-encoding the unpadded episode would
+  show it.
 - The KV cache keeps spare room (spare_room_cache): a step writes its keys and values in place, where
   transformers' DynamicCache would concatenate, copying every cached key and value of every layer each step.
 
@@ -21,6 +22,7 @@ until its batch's turn ends).
 import copy
 import inspect
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -128,11 +130,30 @@ def spare_room_cache(model):
 
 def prefix_cache(model, prefix: list[int]):
     """KV cache of the shared prompt prefix, batch 1. Every episode's first turn (every turn without
-    reuse_cache) starts from it, so the few-shot history is encoded once per rollout, not per episode."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        return model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
-                     **{cache_keyword(model): spare_room_cache(model)})[cache_keyword(model)]
+    reuse_cache) starts from it, so the few-shot history is encoded once, not per episode. In one process
+    the last one made is kept and returned again while it is the same model with the same weights
+    (weights_version), so a step's refill rounds and an evaluation's chunks encode the prefix once and an
+    optimizer step makes a new one. Callers copy it before decoding into it (prefix_turn). Under torchrun
+    the gathered weights are written by collectives, which no version counter sees: it is made every time."""
+    alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    key = (tuple(prefix), weights_version(model), torch.is_autocast_enabled()) if alone else None
+    if key is None or _last_prefix.get("key") != key or _last_prefix["model"]() is not model:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
+                          **{cache_keyword(model): spare_room_cache(model)})[cache_keyword(model)]
+        _last_prefix.update(key=key, model=weakref.ref(model), cache=cache)
+    return _last_prefix["cache"]
+
+
+_last_prefix = {}  # "key" and "model": what the cache was made from; "cache": the prefix's KV cache, batch 1
+
+
+def weights_version(model) -> tuple:
+    """Changes whenever a parameter is written or replaced: torch counts every in-place write to a tensor
+    (an optimizer step, load_state_dict, a no_grad add_) in its _version, and a new tensor has new memory.
+    Writes through .data bypass the count; nothing here writes weights that way."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
 
 
 def cache_keyword(model) -> str:

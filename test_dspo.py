@@ -1402,6 +1402,52 @@ def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
     assert shared[:, :prefix_len].abs().max() == 0
 
 
+def test_the_prefix_cache_is_made_once_while_the_weights_stay_the_same(world):
+    import generation
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    prefix = encode_prompt(tokenizer, world.test[0].question, "few-shot", 2)[:120]
+
+    def keys(cache):
+        return torch.cat([layer.keys for layer in cache.layers])
+
+    first = generation.prefix_cache(model, prefix)
+    assert generation.prefix_cache(model, prefix) is first  # a refill round or an evaluation chunk later
+    assert generation.prefix_cache(model, prefix[:-1]) is not first  # another prefix
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(input_ids=torch.tensor([prefix])).logits.sum().backward()
+    optimizer.step()  # new weights: a new cache, equal to encoding from scratch
+    stepped = generation.prefix_cache(model, prefix)
+    assert stepped is not first and not torch.allclose(keys(stepped), keys(first))
+    generation._last_prefix.clear()
+    assert torch.equal(keys(generation.prefix_cache(model, prefix)), keys(stepped))
+    other = copy.deepcopy(model)  # the same weights in another model: its own cache
+    assert generation.prefix_cache(other, prefix) is not generation.prefix_cache(model, prefix)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # any in-place write counts
+    assert generation.prefix_cache(model, prefix) is not stepped
+
+
+def test_rollouts_that_share_a_kept_prefix_cache_sample_what_fresh_ones_sample(world):
+    import generation
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    index = BM25Index(world.passages)
+    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:4]]
+
+    def two_rollouts(fresh):
+        episodes = []
+        for part in (prompts[:2], prompts[2:]):  # two refill rounds of one step
+            if fresh:
+                generation._last_prefix.clear()
+            torch.manual_seed(1)
+            episodes += rollout(model, tokenizer, index, part, ["a", "b"], max_turn_tokens=6,
+                                max_response_tokens=30, temperature=1.0)
+        return [e.response_ids for e in episodes]
+
+    assert two_rollouts(fresh=False) == two_rollouts(fresh=True)
+
+
 def _multi_turn_tiny_model(monkeypatch, world):
     """The tiny model with larger random weights, whose text differs from row to row and now and then
     closes a tag it never opened (</answer>, </search>): an invalid action, answered by INVALID_ACTION.
@@ -1469,6 +1515,7 @@ def test_the_spare_room_cache_samples_the_tokens_concatenation_samples(world, mo
 
     def run():
         torch.manual_seed(0)
+        generation._last_prefix.clear()  # each run encodes the prefix into its own kind of cache
         decoder = TurnDecoder(model, tokenizer)
         episodes = rollout(model, tokenizer, BM25Index(world.passages), prompts, list("abcdefgh"), max_turns=2,
                            topk=2, max_turn_tokens=48, max_response_tokens=2000, decoder=decoder, greedy=greedy)

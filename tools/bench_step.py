@@ -5,10 +5,11 @@ evaluation), printed as a markdown table.
     python -m tools.bench_step                       # SmolLM2-135M-Instruct, 3 steps of each (CPU)
     python -m tools.bench_step --schedules copying,default,batched --model tiny --steps 1
 
-"copying": the defaults with both copies put back: transformers copies every key/value head once per query
-head when a batch is padded (TRANSFORMERS_SDPA_FORCE_GQA=0), and the sampler's KV cache concatenates (a
-DynamicCache, which copies every cached key and value of every layer each decoding step). "default": the
-defaults (grouped attention without the copies on CPU, a KV cache with spare room). "batched": the defaults
+"copying": the defaults with the 2026-12-01 sampler put back: transformers copies every key/value head once
+per query head when a batch is padded (TRANSFORMERS_SDPA_FORCE_GQA=0), the sampler's KV cache concatenates (a
+DynamicCache, which copies every cached key and value of every layer each decoding step), and every rollout
+encodes the shared prompt prefix anew. "default": the defaults (grouped attention without the copies on CPU,
+a KV cache with spare room, the prefix encoded once while the weights stay the same). "batched": the defaults
 with --refill batched (one round that oversamples by the share of groups kept so far, kinds balanced).
 A step is its rollout (all rounds) plus its update, as train.py logs them (time/rollout_s, time/update_s).
 Schedules that keep different numbers of groups a step are compared by informative groups and trained
@@ -28,7 +29,7 @@ import torch
 import generation
 import train
 
-# name: (train.py flags, grouped attention without head copies, the spare-room KV cache)
+# name: (train.py flags, grouped attention without head copies, the spare-room KV cache and kept prefix)
 SCHEDULES = {"copying": ([], False, False), "default": ([], True, True), "batched": (["--refill", "batched"], True, True)}
 
 
@@ -36,15 +37,20 @@ def run_schedule(name: str, model: str, steps: int, seed: int, folder: Path) -> 
     """train.main with the schedule's flags and speed-ups for `steps` steps; the per-step means of its metrics."""
     flags, grouped_attention, spare_room = SCHEDULES[name]
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if grouped_attention else "0"
-    spare_room_cache = generation.spare_room_cache
-    if not spare_room:  # the sampler's caches become transformers' own, which concatenate
+    spare_room_cache, prefix_cache = generation.spare_room_cache, generation.prefix_cache
+    if not spare_room:  # the sampler's caches become transformers' own, which concatenate, made every rollout
         generation.spare_room_cache = lambda model: generation.DynamicCache()
+        def prefix_made_anew(model, prefix):
+            generation._last_prefix.clear()
+            return prefix_cache(model, prefix)
+        generation.prefix_cache = prefix_made_anew
     out = folder / name
     try:
         train.main(["--model", model, "--steps", str(steps), "--eval-every", "0", "--seed", str(seed),
                     "--out", str(out), *flags])
     finally:
-        generation.spare_room_cache = spare_room_cache
+        generation.spare_room_cache, generation.prefix_cache = spare_room_cache, prefix_cache
+        generation._last_prefix.clear()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "time/rollout_s" in r]
     seconds = sum(r["time/rollout_s"] + r["time/update_s"] for r in records)
