@@ -20,6 +20,7 @@ generate_episodes() is the sampler that training and evaluation call: one episod
 seeded per chunk, split across processes under torchrun. Left out: tool calls other than search.
 """
 import math
+import random
 import re
 import zlib
 from dataclasses import dataclass, field
@@ -75,10 +76,11 @@ class Episode:
 def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_ids: list[str], *,
             max_turns: int = 2, topk: int = 3, max_turn_tokens: int = 48, max_response_tokens: int = 512,
             max_context: int | None = None, greedy: bool = False, temperature: float = 1.0,
-            decoder: TurnDecoder | None = None) -> list[Episode]:
+            decoder: TurnDecoder | None = None, shuffle: random.Random | None = None) -> list[Episode]:
     """Run every prompt to an answer, a truncation, or the turn limit.
     max_turns=0 gives one answer-only turn and no search: the baselines of evaluate.py answer that way.
-    `decoder` generates the turns (default: a TurnDecoder with both of its caches).
+    `decoder` generates the turns (default: a TurnDecoder with both of its caches). With `shuffle` every
+    retrieved passage shows its lines in an order it draws (format_hits).
 
     An episode may use min(max_response_tokens, max_context - prompt length) tokens after its prompt;
     one that runs out, even before its first token, ends truncated instead of raising."""
@@ -125,7 +127,8 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
         for i, query_hits in zip(searching, hits):
             episode = episodes[i]
             episode.valid_searches += 1
-            _append_observation(episode, tokenizer, observation(format_hits(query_hits, index.texts)), limits[i])
+            _append_observation(episode, tokenizer, observation(format_hits(query_hits, index.texts, shuffle)),
+                                limits[i])
             if not episode.truncated:
                 still_active.append(i)
         active = sorted(still_active)
@@ -171,6 +174,7 @@ class RolloutSettings:
     temperature: float        # sampling temperature (greedy evaluation ignores it)
     rollout_batch: int        # episodes generated together
     seed: int                 # seeds each chunk's sampling with its first group id
+    fact_order: str = "fixed"  # "shuffled": a passage's lines in a new order at every retrieval, seeded as sampling
 
 
 def generate_episodes(model, tokenizer, index, examples, group_ids, settings: RolloutSettings, greedy=False,
@@ -194,13 +198,15 @@ def generate_episodes(model, tokenizer, index, examples, group_ids, settings: Ro
                 prompts = [encode_prompt(tokenizer, x.question, settings.template, settings.topk) for x in chunk]
             else:
                 prompts = baseline_prompts(tokenizer, index, chunk, method, settings.template, settings.topk)
-            torch.manual_seed(zlib.crc32(f"{settings.seed}/{group_ids[start]}".encode()))
+            chunk_seed = zlib.crc32(f"{settings.seed}/{group_ids[start]}".encode())
+            torch.manual_seed(chunk_seed)
             episodes += rollout(
                 model, tokenizer, index, prompts, group_ids[start:start + len(chunk)],
                 max_turns=settings.max_turns if method == "agent" else 0, topk=settings.topk,
                 max_turn_tokens=settings.max_turn_tokens, max_response_tokens=settings.max_response_tokens,
                 greedy=greedy, temperature=settings.temperature,
-                max_context=getattr(model.config, "max_position_embeddings", None))
+                max_context=getattr(model.config, "max_position_embeddings", None),
+                shuffle=random.Random(chunk_seed) if settings.fact_order == "shuffled" else None)
             bar.update(len(chunk))
     if size > 1:
         parts = [None] * size

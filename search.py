@@ -26,6 +26,7 @@ Left out: stemming, phrase and proximity queries, dense retrievers and rerankers
 below 5 bytes.
 """
 import bisect
+import random
 import re
 from collections import defaultdict
 from itertools import islice
@@ -323,10 +324,15 @@ def _top_k(row: np.ndarray, k: int) -> np.ndarray:
     return top[np.lexsort((top, -row[top]))][:k]
 
 
-def format_hits(hits: list[tuple[int, float]], texts) -> str:
-    """Render hits as the lines the policy reads: `Doc i(Title: <title>) <text>`, numbered from 1."""
+def format_hits(hits: list[tuple[int, float]], texts, rng: random.Random | None = None) -> str:
+    """Render hits as the lines the policy reads: `Doc i(Title: <title>) <text>`, numbered from 1, a passage's
+    lines joined by spaces. With `rng` they are joined in an order it shuffles, anew for every passage
+    (the synthetic world writes one fact a line: --fact-order shuffled)."""
     lines = []
     for rank, (doc, _) in enumerate(hits, start=1):
         title, _, text = texts[doc].partition("\n")
-        lines.append(f"Doc {rank}(Title: {title}) {' '.join(text.splitlines())}")
+        sentences = text.splitlines()
+        if rng is not None:
+            rng.shuffle(sentences)
+        lines.append(f"Doc {rank}(Title: {title}) {' '.join(sentences)}")
     return "\n".join(lines)

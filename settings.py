@@ -172,12 +172,12 @@ def check_paths(data: str, eval_data: str | None, corpus: str | None, out: str) 
 # command does and where, and always takes today's value, silently. Any other setting not given now
 # continues with the saved value. A flag given with a new value: HOW_LONG takes it with a note;
 # REFUSED_ON_RESUME stops (the checkpoint's model is what resume loads; another seed reshuffles the data
-# mid-epoch or, synthetic, builds another world; the optimizer state was saved for the other weight dtype or
+# mid-epoch or, synthetic, builds another world, as another fact order does; the optimizer state was saved for the other weight dtype or
 # bf16 rounding; with --eval-only only --model is refused); --lr is applied to the loaded optimizer; every
 # other hyperparameter (template, batch shape, clips, loss, warm-up, ...) takes the new value, printed.
 NOT_CARRIED_OVER = {"out", "resume", "device", "dist_timeout", "eval_only", "baseline", "trust_remote_code"}
 HOW_LONG = {"steps", "max_minutes", "eval_every", "eval_size", "save_every", "keep"}
-REFUSED_ON_RESUME = {"model", "seed", "dtype", "rounding"}
+REFUSED_ON_RESUME = {"model", "seed", "fact_order", "dtype", "rounding"}
 
 
 def continue_settings(args, saved: dict | None, checkpoint: Path) -> dict[str, str]:

@@ -17,6 +17,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import shutil
 import socket
 import struct
@@ -44,7 +45,7 @@ from generation import TurnDecoder, shared_prefix_length
 from models import tiny_model
 from prompts import INVALID_ACTION, baseline_prompts, encode_prompt
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
-from rollout import MAX_QUERY_CHARS, Episode, RolloutSettings, collate, parse_action, rollout
+from rollout import MAX_QUERY_CHARS, Episode, RolloutSettings, collate, generate_episodes, parse_action, rollout
 import search
 from index_files import build_index, cached_index, load_index, save_index
 from search import ARRAYS, BM25Index, Passages, format_hits, tokenize
@@ -722,6 +723,22 @@ def test_synthetic_passages_hold_only_their_facts_unless_distractors_are_asked_f
         assert example.answers[0] not in subject
 
 
+def test_split_facts_gives_every_fact_a_line_of_its_own_and_changes_no_question(world):
+    split = synthetic_world(seed=0, split_facts=True)
+    assert (split.train, split.test) == (world.train, world.test)
+    names = passage_titles(world)
+    cities = 0
+    for fixed, own in zip(world.passages, split.passages):
+        title, *lines = own.split("\n")
+        assert title == fixed.split("\n")[0] and all(line.endswith(".") for line in lines)
+        # One fact a line: each line names exactly one entity besides the passage's own.
+        assert all(sum(name in line for name in names if name != title) == 1 for line in lines), own
+        cities += " is a city in " in own
+        if " is a city in " in own:  # the fixed world states a city's country and river in one sentence
+            assert len(lines) == 2 and len(fixed.split("\n")) == 2
+    assert cities == 40
+
+
 def test_synthetic_one_hop_answer_is_in_subject_passage(world):
     for example in [e for e in world.train + world.test if e.source == "synthetic-1hop"]:
         subjects = [p for p in world.passages if p.split("\n", 1)[0] in example.question]
@@ -874,6 +891,19 @@ def test_format_hits_renders_numbered_title_and_text_lines():
         "Doc 1(Title: Berlin) Berlin is big.\n"
         "Doc 2(Title: Paris) Paris is the capital. It has a tower.")
     assert format_hits([], texts) == ""
+
+
+def test_format_hits_with_an_rng_shows_each_passages_lines_in_an_order_drawn_anew():
+    texts = ["Paris\nA1.\nB1.\nC1.", "Berlin\nD1.\nE1."]
+    hits = [(0, 2.0), (1, 1.0)]
+    assert format_hits(hits, texts) == "Doc 1(Title: Paris) A1. B1. C1.\nDoc 2(Title: Berlin) D1. E1."
+    rendered = {format_hits(hits, texts, random.Random(seed)) for seed in range(200)}
+    assert len(rendered) == 12  # 3! orders of one passage times 2! of the other: each passage drawn on its own
+    for text in rendered:
+        paris, berlin = text.split("\n")
+        assert paris.startswith("Doc 1(Title: Paris) ") and berlin.startswith("Doc 2(Title: Berlin) ")
+        assert sorted(paris.split()[3:]) == ["A1.", "B1.", "C1."] and sorted(berlin.split()[3:]) == ["D1.", "E1."]
+    assert format_hits(hits, texts, random.Random(7)) == format_hits(hits, texts, random.Random(7))
 
 
 # --- On disk: save, load, the shared cache -------------------------------------------------------
@@ -1258,6 +1288,43 @@ def test_loss_mask_is_one_exactly_on_generated_tokens(world):
     assert loss_mask[0, :len(episode.prompt_ids) - 1].sum() == 0  # prompt tokens are never trained
     targets = input_ids[0, 1:][loss_mask[0].bool()].tolist()
     assert targets == generated
+
+
+def test_a_shuffling_rollout_shows_the_searched_passages_facts_in_drawn_orders():
+    split = synthetic_world(seed=0, split_facts=True)
+    city = next(p for p in split.passages if " is a city in " in p)
+    title, first, second = city.split("\n")
+    turns = [f"<search> {title} </search>", "<answer> x </answer><|im_end|>"]
+    seen = set()
+    for seed in range(8):
+        episode, tokenizer, _ = _scripted_episode(split, turns, max_turns=1, max_turn_tokens=64,
+                                                  shuffle=random.Random(seed))
+        observed = tokenizer.decode([t for t, m in zip(episode.response_ids, episode.loss_mask) if m == 0])
+        seen.add(f"(Title: {title}) {first} {second}" in observed)
+        assert f"(Title: {title}) {first} {second}" in observed or f"(Title: {title}) {second} {first}" in observed
+    assert seen == {True, False}
+    fixed, tokenizer, _ = _scripted_episode(split, turns, max_turns=1, max_turn_tokens=64)
+    assert f"(Title: {title}) {first} {second}" in tokenizer.decode(fixed.response_ids)
+
+
+@pytest.mark.parametrize("fact_order", ["fixed", "shuffled"])
+def test_the_sampler_seeds_the_fact_order_as_it_seeds_sampling(world, monkeypatch, fact_order):
+    import rollout as rollout_module
+    draws = []
+
+    def recording_rollout(model, tokenizer, index, prompts, group_ids, shuffle=None, **_):
+        draws.append(None if shuffle is None else shuffle.random())
+        return [Episode(g, list(p)) for p, g in zip(prompts, group_ids)]
+    monkeypatch.setattr(rollout_module, "rollout", recording_rollout)
+    model, tokenizer = tiny_model()
+    settings = dataclasses.replace(EVAL_SETTINGS, fact_order=fact_order)
+    examples = world.test[:2]
+    for ids in (["a", "b"], ["a", "b"], ["c", "d"]):
+        generate_episodes(model, tokenizer, BM25Index(world.passages), examples, ids, settings)
+    if fact_order == "fixed":
+        assert draws == [None, None, None]
+    else:  # the same group ids draw the same order (evaluation repeats, resume), others another
+        assert draws[0] == draws[1] != draws[2]
 
 
 def test_invalid_action_gets_a_corrective_observation(world):
@@ -2511,6 +2578,22 @@ def test_an_all_filtered_batch_is_skipped_and_logged_without_nan(tmp_path, refil
     record = _records(tmp_path / "metrics.jsonl")[0]
     assert record["skipped"] == 1 and record["num_gen_batches"] == rounds and record["frac_reward_zero_std"] == 1.0
     assert "loss" not in record and all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+
+
+def test_a_run_with_shuffled_facts_trains_on_the_split_world_and_refuses_other_data(tmp_path, monkeypatch, capsys):
+    import train
+    worlds = []
+    monkeypatch.setattr(train, "synthetic_world", lambda **kw: worlds.append(kw) or synthetic_world(**kw))
+    main(TINY_RUN + ["--steps", "1", "--eval-every", "1", "--no-filter", "--fact-order", "shuffled",
+                     "--out", str(tmp_path)])
+    assert [w["split_facts"] for w in worlds] == [True]
+    records = _records(tmp_path / "metrics.jsonl")
+    assert records[0]["trained_trajectories"] == 4 and "val/em" in records[1]
+    assert json.loads((tmp_path / "checkpoint-000001" / "run_args.json").read_text())["fact_order"] == "shuffled"
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--data", "nq", "--corpus", "c.jsonl", "--fact-order", "shuffled"])
+    assert stop.value.code == 2
+    assert "--fact-order shuffled needs --data synthetic" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_max_minutes_stops_after_the_step_that_crosses_the_budget_then_evaluates_and_saves(tmp_path):

@@ -111,6 +111,10 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
     p.add_argument("--corpus", default=None, help="corpus JSONL or JSONL.gz (wiki-18 or title/text shape); needed "
                    "with QA files; with --data search-r1 a local copy of wiki-18 instead of the download")
     p.add_argument("--seed", type=int, default=0, help="seeds the world, the question order and sampling")
+    p.add_argument("--fact-order", choices=["fixed", "shuffled"], default="fixed",
+                   help="synthetic world only: a passage's facts in the world's order, or in a new order at every "
+                   "retrieval, seeded like sampling, so where a fact sits says nothing about which it is (fixed: "
+                   "the order the demo's recorded runs read)")
     # rollout
     p.add_argument("--batch-prompts", type=count, help=f"B: informative groups per step {preset}")
     p.add_argument("--group-size", type=_number(int, 2), help="G: trajectories per question (at least 2: a group "
@@ -168,6 +172,9 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
         p.error("--corpus is required when --data names QA files or FlashRAG datasets")
     if args.data == "synthetic" and args.eval_data:
         p.error("--eval-data needs --data other than synthetic (the world has its own test split)")
+    if args.data != "synthetic" and args.fact_order == "shuffled":
+        p.error(f"--fact-order shuffled needs --data synthetic (its passages are written one fact a line), not "
+                f"--data {args.data}")
     apply_preset(args, p, parameters, processes)
     return args
 
@@ -186,7 +193,7 @@ def load_data(args):
     10% of the training questions, held out.
     """
     if args.data == "synthetic":
-        world = synthetic_world(seed=args.seed, exclude=EXAMPLE_NAMES)
+        world = synthetic_world(seed=args.seed, exclude=EXAMPLE_NAMES, split_facts=args.fact_order == "shuffled")
         return world.train, world.test, world.passages
     try:
         if args.data in ("search-r1", "hotpotqa") and not (args.data == "hotpotqa" and args.corpus):

@@ -1,7 +1,7 @@
 """The synthetic world: made-up people, cities, countries, companies and rivers to train a search agent on.
 
-One passage per entity ("Title\ntext"): the entity's own facts, and with distractors=True a few more sentences
-naming other entities, years and numbers. 1-hop questions ("In which city was Zorvath Kellan born?") and
+One passage per entity ("Title\ntext", one sentence a line): the entity's own facts, and with distractors=True a
+few more sentences naming other entities, years and numbers (one line, as they refer back with "It"). 1-hop questions ("In which city was Zorvath Kellan born?") and
 2-hop questions ("In which country was Zorvath Kellan born?"). The names are invented, so a small model cannot
 answer from memory and must search; a 2-hop answer is never in the subject's own passage, so it takes two
 searches. Everything is drawn from one seeded random.Random, so a seed gives the same world in any process.
@@ -10,6 +10,11 @@ The default passage is its facts alone. SmolLM2-135M, the demo's model, answers 
 long passage and almost never searches a second time after reading one, so with distractors it gets almost no
 2-hop question right and DSPO has nothing to reinforce; `python -m tools.probe [--distractors]` measures both
 (results/README.md keeps the runs). Questions and answers are the same either way.
+
+split_facts=True writes each fact as a sentence of its own (a city's country and its river are two), so that
+search.format_hits with an rng, which shows a passage's lines in a random order at every retrieval
+(train.py's --fact-order shuffled), can move every fact: where a fact sits then says nothing about which
+fact it is, and the model has to read the sentence.
 
 Left out: distractor passages beyond the other entities, questions of more than two hops, and paraphrased
 questions (each relation has one wording).
@@ -83,12 +88,14 @@ def _name_maker(rng: random.Random, exclude: frozenset[str]):
 def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, num_countries: int = 12,
                     num_companies: int = 30, num_rivers: int = 16, num_questions: int = 600,
                     two_hop_fraction: float = 0.5, test_fraction: float = 0.2,
-                    exclude: frozenset[str] = frozenset(), distractors: bool = False) -> World:
+                    exclude: frozenset[str] = frozenset(), distractors: bool = False,
+                    split_facts: bool = False) -> World:
     """Generate entities, their passages and questions, split by question into train and test. Only
     random.Random(seed) is used, so a seed gives the same world in every process. Names in `exclude`
     (and their words) never appear; excluding names changes the rest of the world. num_questions is capped
     by how many distinct questions of each kind the world holds. distractors=True keeps each passage's
-    extra sentences; the random draws, and so the entities and questions, do not depend on it."""
+    extra sentences; split_facts=True gives every fact its own sentence (see above). The random draws, and so
+    the entities and questions, depend on neither."""
     if not (3 <= num_countries <= num_cities and min(num_cities, num_people) >= 4
             and min(num_companies, num_rivers) >= 2):
         raise ValueError("synthetic_world needs 3 <= countries <= cities, 4+ cities and people, "
@@ -116,7 +123,8 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
         facts[person] = {"born_in": rng.choice(cities), "works_for": rng.choice(companies)}
     founded_in = {company: facts[company]["founded_in"] for company in companies}
 
-    # One passage per entity: (its own facts, distractor sentences naming other entities and numbers).
+    # One passage per entity: (its own facts, distractor sentences naming other entities and numbers), the
+    # facts as lines, one sentence each.
     passage = {}
     for country in countries:
         neighbours = rng.sample([c for c in countries if c != country], 2)
@@ -127,9 +135,10 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
             f"{rng.choice(HOBBIES)}, and its oldest university dates from {rng.randint(1100, 1900)}.")
     for city in cities:
         twin = rng.choice([c for c in cities if c != city])
+        country, river = facts[city]["in_country"], facts[city]["on_river"]
         passage[city] = (
-            f"{city} is a city in {facts[city]['in_country']} on the banks of the "
-            f"{facts[city]['on_river']}.",
+            f"{city} is a city in {country}.\n{city} lies on the banks of the {river}." if split_facts else
+            f"{city} is a city in {country} on the banks of the {river}.",
             f"It was founded in {rng.randint(900, 1800)} and has about {rng.randint(20, 900) * 1000} "
             f"inhabitants. "
             f"{city} is twinned with {twin}, a city in {facts[twin]['in_country']}, and its flag is "
@@ -158,7 +167,7 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
         surname = person.split()[1]
         passage[person] = (
             f"{person} is a {rng.choice(PROFESSIONS)} who was born in {facts[person]['born_in']} in "
-            f"{rng.randint(1930, 2000)}. {person} works for {facts[person]['works_for']}.",
+            f"{rng.randint(1930, 2000)}.\n{person} works for {facts[person]['works_for']}.",
             f"Before that, {surname} studied in {places[0]} and spent {rng.randint(2, 9)} years in {places[1]}. "
             f"{surname} is a close friend of {friend}, who works for {facts[friend]['works_for']}, and is known for "
             f"{rng.choice(HOBBIES)}.")
@@ -188,5 +197,5 @@ def synthetic_world(seed: int = 0, num_people: int = 100, num_cities: int = 40, 
         train += group[num_test:]
     rng.shuffle(train)
     rng.shuffle(test)
-    passages = [f"{name}\n{' '.join(passage[name]) if distractors else passage[name][0]}" for name in facts]
+    passages = [name + "\n" + ("\n".join(passage[name]) if distractors else passage[name][0]) for name in facts]
     return World(train, test, passages)
