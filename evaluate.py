@@ -7,7 +7,7 @@ summarize() turns its episodes into the numbers of a published search-agent tabl
     Avg  = mean over datasets d of EM_d          (unweighted: a small dataset weighs as much as a large one)
 
 plus F1, searches per question and response length (generated tokens), overall and per dataset. The dataset
-of a question is its QAExample.source. evaluate() is the flat view training logs ("val/em", "val/em/<source>").
+of a question is its QAExample.source. evaluate() is the flat view training logs ("val/em", "val/em/<source>", "val/searches/<source>").
 write_eval_report() writes eval.json and eval.md with one row per method.
 
 Methods, all with the same model, index, --topk and token budgets:
@@ -72,10 +72,11 @@ def evaluate_method(model, tokenizer, index, examples, settings: RolloutSettings
 
 def evaluate(model, tokenizer, index, examples, settings: RolloutSettings) -> dict:
     """The agent's evaluation as flat keys for the training log: val/em, val/f1, val/searches,
-    val/response_length, val/em_avg (unweighted over sources) and val/em/<source>."""
+    val/response_length, val/em_avg (unweighted over sources), val/em/<source> and val/searches/<source>."""
     summary = evaluate_method(model, tokenizer, index, examples, settings, "agent")
     result = {f"val/{key}": summary[key] for key in ("em", "f1", "searches", "response_length", "em_avg")}
-    result.update({f"val/em/{source}": numbers["em"] for source, numbers in summary["datasets"].items()})
+    for source, numbers in summary["datasets"].items():
+        result.update({f"val/em/{source}": numbers["em"], f"val/searches/{source}": numbers["searches"]})
     return result
 
 

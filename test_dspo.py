@@ -2268,9 +2268,12 @@ def test_evaluate_reports_em_per_source_for_the_training_log(world):
     examples = [world.test[0], world.test[2]]  # one synthetic-1hop, one synthetic-2hop question
     result = evaluate(model, tokenizer, BM25Index(world.passages), examples, EVAL_SETTINGS)
     assert set(result) == {"val/em", "val/f1", "val/searches", "val/response_length", "val/em_avg",
-                           "val/em/synthetic-1hop", "val/em/synthetic-2hop"}
+                           "val/em/synthetic-1hop", "val/em/synthetic-2hop",
+                           "val/searches/synthetic-1hop", "val/searches/synthetic-2hop"}
     assert result["val/em"] == 0.0 and result["val/em_avg"] == 0.0  # a random model answers nothing right
     assert 0 < result["val/response_length"] <= 16 and 0 <= result["val/searches"] <= 1
+    per_source = [result["val/searches/synthetic-1hop"], result["val/searches/synthetic-2hop"]]
+    assert result["val/searches"] == pytest.approx(sum(per_source) / 2)  # one question of each kind
 
 
 def test_both_baselines_and_the_agent_fill_one_table(world, tmp_path):
