@@ -7,7 +7,8 @@ summarize() turns its episodes into the numbers of a published search-agent tabl
     Avg  = mean over datasets d of EM_d          (unweighted: a small dataset weighs as much as a large one)
 
 plus F1, searches per question and response length (generated tokens), overall and per dataset. The dataset
-of a question is its QAExample.source. evaluate() is the flat view training logs ("val/em", "val/em/<source>", "val/searches/<source>").
+of a question is its QAExample.source. evaluate() is the flat view training logs ("val/em", "val/em/<source>",
+"val/searches/<source>").
 write_eval_report() writes eval.json and eval.md with one row per method.
 
 Methods, all with the same model, index, --topk and token budgets:

@@ -2276,6 +2276,21 @@ def test_evaluate_reports_em_per_source_for_the_training_log(world):
     assert result["val/searches"] == pytest.approx(sum(per_source) / 2)  # one question of each kind
 
 
+def test_the_training_log_keeps_each_sources_searches_apart(world, monkeypatch):
+    """val/searches/<source> is that source's searches, not the overall mean: two kinds that search once
+    and twice a question log 1 and 2 (episodes written by hand, scored by the real summarize)."""
+    import evaluate as evaluate_module
+    examples = [world.test[0], world.test[2]]  # one synthetic-1hop, one synthetic-2hop question
+    assert [x.source for x in examples] == ["synthetic-1hop", "synthetic-2hop"]
+    episodes = [SimpleNamespace(response_text="<answer> x </answer>", valid_searches=searches, loss_mask=[1] * 5)
+                for searches in (1, 2)]
+    monkeypatch.setattr(evaluate_module, "evaluate_method",
+                        lambda *args: dict(summarize(episodes, examples), method="agent"))
+    result = evaluate(None, None, None, examples, EVAL_SETTINGS)
+    assert result["val/searches/synthetic-1hop"] == 1.0 and result["val/searches/synthetic-2hop"] == 2.0
+    assert result["val/searches"] == 1.5
+
+
 def test_both_baselines_and_the_agent_fill_one_table(world, tmp_path):
     torch.manual_seed(0)
     model, tokenizer = tiny_model()
