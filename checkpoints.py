@@ -12,6 +12,8 @@ With several processes every rank helps gather the full state and rank 0 writes 
 A run holds an exclusive flock on <out>/.lock for its life, so a second run on the same --out stops at once;
 the kernel drops the lock when the process dies, so a stale file never blocks. On resume, metrics.jsonl
 loses the lines a later, unsaved step wrote (moved to metrics.dropped.jsonl), so each step is logged once.
+A fresh run (no --resume) in a folder an earlier run wrote moves that run's metrics and checkpoints into
+earlier-<UTC time>/ inside it, so two runs never share one metrics.jsonl and nothing is deleted.
 A first SIGINT / SIGTERM raises a flag that the training loop reads at the end of a step; a second exits at
 once.
 
@@ -193,6 +195,24 @@ def saved_run_args(checkpoint: Path) -> dict | None:
 
 
 _held_lock = []  # this process's run lock: one at a time (main() may run again in one process, as tests do)
+
+
+RUN_FILES = ("metrics.jsonl", "metrics.dropped.jsonl", "metrics.png")
+
+
+def set_aside_earlier_run(out: Path) -> Path | None:
+    """Move what an earlier run wrote in `out` (RUN_FILES and its checkpoint folders) into a new
+    out/earlier-<UTC time>/ and return that folder; None when there was nothing. Renames only."""
+    earlier = [out / name for name in RUN_FILES if (out / name).exists()] + checkpoints_in(out)
+    if not earlier:
+        return None
+    aside = out / time.strftime("earlier-%Y%m%d-%H%M%S", time.gmtime())
+    while aside.exists():  # two fresh runs within a second
+        aside = aside.with_name(aside.name + "-")
+    aside.mkdir()
+    for path in earlier:
+        os.replace(path, aside / path.name)
+    return aside
 
 
 def lock_run(out: Path) -> None:

@@ -2724,6 +2724,25 @@ def test_resume_moves_log_lines_of_unsaved_steps_aside_so_each_step_is_logged_on
     assert (tmp_path / "metrics.dropped.jsonl").read_text() == unsaved + "\n"
 
 
+def test_a_fresh_run_in_a_used_folder_sets_the_earlier_run_aside(tmp_path, capsys):
+    """README's torchrun line and then `python train.py` share --out runs/dspo: the second run starts its
+    own metrics.jsonl, and the first run's log and checkpoints move, whole, into earlier-<time>/."""
+    import checkpoints
+    run = TINY_RUN + ["--eval-every", "0", "--save-every", "2", "--out", str(tmp_path)]
+    main(run + ["--steps", "2"])
+    first_log = (tmp_path / "metrics.jsonl").read_text()
+    (tmp_path / "notes.txt").write_text("mine")  # the user's own file stays where it is
+    capsys.readouterr()
+    main(run + ["--steps", "1", "--seed", "1"])
+    [aside] = tmp_path.glob("earlier-*")
+    assert f"an earlier run's metrics and checkpoints moved to {aside}" in capsys.readouterr().out
+    assert (aside / "metrics.jsonl").read_text() == first_log
+    assert [p.name for p in checkpoints.checkpoints_in(aside)] == ["checkpoint-000002"]
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl")] == [0]  # the new run's step only
+    assert [p.name for p in checkpoints.checkpoints_in(tmp_path)] == ["checkpoint-000001"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_resume_refuses_a_new_seed_or_model_and_applies_a_new_lr(tmp_path, capsys):
     run = TINY_RUN + ["--eval-every", "0", "--out", str(tmp_path)]
     main(run + ["--steps", "1", "--lr", "1e-3", "--max-gen-rounds", "2"])

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoints import (find_checkpoint, lock_run, resume_state, save_checkpoint, saved_run_args, stop_on_signals,
-                         trim_metrics)
+from checkpoints import (find_checkpoint, lock_run, resume_state, save_checkpoint, saved_run_args,
+                         set_aside_earlier_run, stop_on_signals, trim_metrics)
 from data import (DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, iter_corpus_jsonl, load_hotpotqa, load_qa_spec,
                   load_search_r1, next_questions, questions_by_kind, take_in_turn)
 from distributed import all_reduce, collective_failure, destroy_processes, gathered, shard, start_processes
@@ -273,6 +273,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # the one process that writes to --out
         lock_run(out)
+        aside = None if checkpoint or args.eval_only else set_aside_earlier_run(out)
+        if aside:
+            say(f"--out {out}: an earlier run's metrics and checkpoints moved to {aside} (--resume continues a run)")
 
     # Model, data and index
     model, tokenizer = load_model(str(checkpoint or args.model), args.dtype, args.device, args.trust_remote_code)
