@@ -24,9 +24,9 @@ cache by hand is used as is, so an offline machine works too.
 The synthetic world to train on without downloads is in world.py.
 Every error a user's file can cause is a DataError whose one-line message says what and where (file:line).
 A download resumes where an earlier run broke off (HTTP Range) and counts its bytes against the size the
-server announced. Left out: checksums of downloads, memory mapping (every passage is held in memory, so
-use a subset of wiki-18 on a laptop; hotpot_train_v1.1.json, over 500 MB, is parsed whole), and answer
-normalisation (reward.py's job).
+server announced. Left out: checksums of downloads, streaming of question files (hotpot_train_v1.1.json,
+over 500 MB, is parsed whole), and answer normalisation (reward.py's job). A corpus file is not held in memory:
+index_files.py writes the index of a corpus file to disk and reads a passage's text only when a search returns it.
 """
 import gzip
 import itertools

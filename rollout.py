@@ -167,7 +167,7 @@ def collate(episodes: list[Episode], pad_id: int) -> tuple[torch.Tensor, torch.T
 class RolloutSettings:
     """What the sampler needs to know (train.py fills it from its flags)."""
     template: str             # "few-shot" or "zero-shot" (prompts.py)
-    max_turns: int            # searches allowed before the last, answer-only turn
+    max_turns: int            # turns before the last (searches or corrected invalid actions)
     topk: int                 # passages a search returns
     max_turn_tokens: int      # tokens the model may write per turn
     max_response_tokens: int  # tokens an episode may hold after its prompt

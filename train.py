@@ -120,7 +120,8 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
     p.add_argument("--group-size", type=_number(int, 2), help="G: trajectories per question (at least 2: a group "
                    f"of one never has differing rewards, so the filter would drop every group) {preset}")
     p.add_argument("--max-turns", type=_number(int, 0),
-                   help=f"searches allowed before the last answer-only turn {preset}")
+                   help=f"turns before the last one, each a search or an invalid action (corrected); a search "
+                   f"on the last turn ends the episode unanswered {preset}")
     p.add_argument("--topk", type=count, help=f"passages returned per search {preset}")
     p.add_argument("--max-turn-tokens", type=count, help=f"tokens the model may write per turn {preset}")
     p.add_argument("--max-response-tokens", type=count, help=f"tokens per trajectory after the prompt {preset}")
