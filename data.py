@@ -24,9 +24,10 @@ cache by hand is used as is, so an offline machine works too.
 The synthetic world to train on without downloads is in world.py.
 Every error a user's file can cause is a DataError whose one-line message says what and where (file:line).
 A download resumes where an earlier run broke off (HTTP Range) and counts its bytes against the size the
-server announced. Left out: checksums of downloads, streaming of question files (hotpot_train_v1.1.json,
-over 500 MB, is parsed whole), and answer normalisation (reward.py's job). A corpus file is not held in memory:
-index_files.py writes the index of a corpus file to disk and reads a passage's text only when a search returns it.
+server announced. A corpus file's passages are not held in memory: index_files.py writes their index to
+disk and reads a passage's text only when a search returns it. Left out: checksums of downloads, streaming
+of question files (hotpot_train_v1.1.json, over 500 MB, is parsed whole), and answer normalisation
+(reward.py's job).
 """
 import gzip
 import itertools
