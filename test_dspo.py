@@ -1971,6 +1971,39 @@ def test_update_equals_scoring_pi_old_for_every_trajectory_before_the_first_step
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), initial))  # the weights really moved
 
 
+def test_identical_trajectories_are_scored_once_and_the_step_is_unchanged():
+    """A mini-batch with a trajectory three times (same tokens, same advantage) forwards it once, its
+    advantage tripled: the weights move exactly as when every copy is scored."""
+    import copy
+    from rollout import Episode
+    import train
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    reference = copy.deepcopy(model)
+    initial = [p.detach().clone() for p in model.parameters()]
+    a, b, c = (Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7], loss_mask=[1, 1, 0, 1])
+               for i in range(3))
+    episodes, advantages = [a, b, copy.deepcopy(a), c, copy.deepcopy(a)], torch.tensor([0.5, -1.5, 0.5, 0.5, 0.5])
+    args = train.parse_args(["--model", "tiny", "--mini-batches", "1", "--micro-batch", "8", "--lr", "1.0"])
+    rows = []
+    model.register_forward_pre_hook(lambda module, inputs, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+    result = train.update(model, optimizer, scheduler, episodes, advantages, _learning(args), tokenizer.pad_token_id)
+    assert result["distinct_trajectories"] == 3 and max(rows) == 3
+
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    logp = token_logprobs(reference, input_ids, attention_mask, args.temperature)
+    loss = dspo_loss(logp, logp.detach(), loss_mask, advantages, args.clip_low, args.clip_high)[0]
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(reference.parameters(), args.grad_clip)
+    torch.optim.SGD(reference.parameters(), lr=args.lr).step()
+    assert abs(result["loss"] - loss.item()) < 1e-6
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), reference.parameters()))
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), initial))  # the weights really moved
+
+
 def test_a_non_finite_gradient_skips_the_optimizer_step():
     from rollout import Episode
     import train
@@ -3206,6 +3239,8 @@ def test_step_benchmark_runs_the_schedules_and_prints_their_ratios(capsys, monke
     monkeypatch.setattr(generation, "spare_room_cache", lambda model: caches.append(model) or spare_room_cache(model))
     rows = bench_step.main(["--model", "tiny", "--steps", "1", "--schedules", "copying,default,batched"])
     assert caches and generation.spare_room_cache.__name__ == "<lambda>"  # the patched one came back after "copying"
+    import update
+    assert update.distinct_trajectories.__name__ == "distinct_trajectories"  # and the update's own
     table = capsys.readouterr().out.split("| | copying | default | batched |")[1]
     printed = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:] if line}
     assert printed["generation rounds a step"][:3] == ["3.00", "3.00", "1.00"]  # rounds: 3 of B; batched: one

@@ -2,7 +2,8 @@
 
     pi_old   log-probs of the policy that sampled the batch, scored once before the first optimizer step
              (the first mini-batch is on-policy: its pi_old is its own forward, detached)
-    for each of M mini-batches (a shuffle of the batch split M ways):
+    for each of M mini-batches (a shuffle of the batch split M ways; identical trajectories in it, same
+                                tokens and advantage, are scored once with their advantage times their count):
         for each micro-batch (rows and padded tokens capped, longest first): loss (dspo.py) and backward,
             weighted so the step's loss is the mean over the mini-batch's trajectories
         clip the gradient norm, one optimizer step (skipped if the gradient is not finite)
@@ -54,6 +55,21 @@ def micro_batches(rows: list[int], lengths: list[int], max_rows: int, max_tokens
     return batches
 
 
+def distinct_trajectories(episodes, advantages, rows: list[int], copies: torch.Tensor) -> list[int]:
+    """The first of each set of rows with the same tokens, loss mask and advantage, in order; copies[first]
+    counts the set. A group often samples the same trajectory twice, and k copies are one term of the loss
+    counted k times, so the update scores each once, its advantage multiplied by k."""
+    first = {}
+    for i in rows:
+        key = (tuple(episodes[i].prompt_ids + episodes[i].response_ids), tuple(episodes[i].loss_mask),
+               advantages[i].item())
+        if key in first:
+            copies[first[key]] += 1
+        else:
+            first[key] = i
+    return list(first.values())
+
+
 def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSettings, pad_id: int,
            step: int = 0) -> dict:
     """Old log-probs once (for the off-policy mini-batches), then settings.mini_batches optimizer steps
@@ -82,13 +98,15 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
     order = torch.randperm(len(episodes), generator=torch.Generator().manual_seed(settings.seed * 100003 + step))
     lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes]
     share_prefix = size == 1 and not settings.grad_checkpointing
-    plan = []  # per mini-batch: [(episode indices, weight)], the same count on every rank
+    copies = torch.ones(len(episodes))  # how many trajectories of its mini-batch each scored one stands for
+    plan = []  # per mini-batch: [(episode indices, loss weight, metrics weight)], the same count on every rank
     for chunk in np.array_split(order.tolist(), min(settings.mini_batches, len(order))):
-        mine = micro_batches(chunk.tolist()[rank::size], lengths, settings.micro_batch,
-                             settings.micro_batch_tokens)
-        mine = [(rows, size * len(rows) / len(chunk)) for rows in mine]
+        distinct = distinct_trajectories(episodes, advantages, chunk.tolist(), copies)
+        mine = micro_batches(distinct[rank::size], lengths, settings.micro_batch, settings.micro_batch_tokens)
+        # The loss is a mean over the mini-batch's trajectories; the metrics are means over distinct ones.
+        mine = [(rows, size * len(rows) / len(chunk), size * len(rows) / len(distinct)) for rows in mine]
         count = all_reduce(len(mine), "max")
-        mine += [([chunk[0]], 0.0)] * (count - len(mine))
+        mine += [([chunk[0]], 0.0, 0.0)] * (count - len(mine))
         plan.append(mine)
 
     def batch(rows):
@@ -96,7 +114,7 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
         # The prefix pass needs a KV cache, which checkpointed layers do not return; and with several ranks
         # every pass must be one forward per module.
         prefix_len = shared_prefix_length([episodes[i].prompt_ids for i in rows]) if share_prefix else 0
-        return (*tensors, advantages[rows].to(device), prefix_len)
+        return (*tensors, (advantages[rows] * copies[rows]).to(device), prefix_len)
 
     def logprobs(rows):  # logits only where the loss reads: the model's own tokens
         input_ids, attention_mask, loss_mask, _, prefix_len = batch(rows)
@@ -106,14 +124,14 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
         # pi_old, the policy that sampled this batch: [rows, T-1] per micro-batch, scored before the first
         # optimizer step. The first mini-batch is on-policy, so its pi_old is its own forward's log-probs,
         # detached (None here), and needs no pass of its own.
-        old_logps = [[None] * len(plan[0])] + [[logprobs(rows) for rows, _ in mine] for mine in plan[1:]]
+        old_logps = [[None] * len(plan[0])] + [[logprobs(rows) for rows, *_ in mine] for mine in plan[1:]]
 
     sums, steps, skipped, ratio_min, ratio_max = {}, 0, 0, math.inf, -math.inf
     model.train(settings.grad_checkpointing)  # HF checkpoints layers only in train mode; dropout is off anyway
     for mine, old in tqdm(list(zip(plan, old_logps)), desc="update", leave=False, dynamic_ncols=True,
                           disable=rank != 0):
         optimizer.zero_grad(set_to_none=True)
-        for (rows, weight), old_logp in zip(mine, old):
+        for (rows, weight, metrics_weight), old_logp in zip(mine, old):
             input_ids, attention_mask, loss_mask, adv, prefix_len = batch(rows)
             with autocast(device.type, settings.amp):
                 logp = token_logprobs(model, input_ids, attention_mask, settings.temperature, prefix_len,
@@ -128,8 +146,9 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
             low, high = metrics.pop("ratio/min"), metrics.pop("ratio/max")
             if weight:
                 ratio_min, ratio_max = min(ratio_min, low), max(ratio_max, high)
-            for key, value in dict(metrics, loss=loss.item()).items():  # every rank has every key
-                sums[key] = sums.get(key, 0.0) + value * weight / size
+            sums["loss"] = sums.get("loss", 0.0) + loss.item() * weight / size
+            for key, value in metrics.items():  # every rank has every key
+                sums[key] = sums.get(key, 0.0) + value * metrics_weight / size
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
         sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm / size
@@ -144,7 +163,8 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
     sums = all_reduce(sums, "sum")
     result = {f"{k}_mean" if k.startswith("clip_ratio") else k: v / steps for k, v in sums.items()}
     result.update({"ratio/min": -all_reduce(-ratio_min, "max"), "ratio/max": all_reduce(ratio_max, "max"),
-                   "skipped_optimizer_steps": skipped, "episodes_without_model_tokens": without_tokens})
+                   "skipped_optimizer_steps": skipped, "episodes_without_model_tokens": without_tokens,
+                   "distinct_trajectories": len(episodes) - int((copies - 1).sum())})
     return result
 
 
