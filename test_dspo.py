@@ -1971,9 +1971,11 @@ def test_update_equals_scoring_pi_old_for_every_trajectory_before_the_first_step
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), initial))  # the weights really moved
 
 
-def test_identical_trajectories_are_scored_once_and_the_step_is_unchanged():
-    """A mini-batch with a trajectory three times (same tokens, same advantage) forwards it once, its
-    advantage tripled: the weights move exactly as when every copy is scored."""
+@pytest.mark.parametrize("loss", ["dspo", "grpo"])
+def test_identical_trajectories_are_scored_once_and_the_step_is_unchanged(loss):
+    """A mini-batch with one trajectory three times and another twice (same tokens, same advantage, one
+    positive and one negative) forwards each once, its advantage times its count: the weights move exactly
+    as when every copy is scored."""
     import copy
     from rollout import Episode
     import train
@@ -1983,8 +1985,10 @@ def test_identical_trajectories_are_scored_once_and_the_step_is_unchanged():
     initial = [p.detach().clone() for p in model.parameters()]
     a, b, c = (Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7], loss_mask=[1, 1, 0, 1])
                for i in range(3))
-    episodes, advantages = [a, b, copy.deepcopy(a), c, copy.deepcopy(a)], torch.tensor([0.5, -1.5, 0.5, 0.5, 0.5])
-    args = train.parse_args(["--model", "tiny", "--mini-batches", "1", "--micro-batch", "8", "--lr", "1.0"])
+    episodes = [a, b, copy.deepcopy(a), c, copy.deepcopy(a), copy.deepcopy(b)]
+    advantages = torch.tensor([0.5, -1.5, 0.5, 0.5, 0.5, -1.5])
+    args = train.parse_args(["--model", "tiny", "--mini-batches", "1", "--micro-batch", "8", "--lr", "1.0",
+                             "--loss", loss])
     rows = []
     model.register_forward_pre_hook(lambda module, inputs, kwargs: rows.append(kwargs["input_ids"].shape[0]),
                                     with_kwargs=True)
@@ -1995,11 +1999,14 @@ def test_identical_trajectories_are_scored_once_and_the_step_is_unchanged():
 
     input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
     logp = token_logprobs(reference, input_ids, attention_mask, args.temperature)
-    loss = dspo_loss(logp, logp.detach(), loss_mask, advantages, args.clip_low, args.clip_high)[0]
-    loss.backward()
+    if loss == "dspo":
+        objective = dspo_loss(logp, logp.detach(), loss_mask, advantages, args.clip_low, args.clip_high)[0]
+    else:
+        objective = grpo_loss(logp, logp.detach(), loss_mask, advantages, args.grpo_clip)[0]
+    objective.backward()
     torch.nn.utils.clip_grad_norm_(reference.parameters(), args.grad_clip)
     torch.optim.SGD(reference.parameters(), lr=args.lr).step()
-    assert abs(result["loss"] - loss.item()) < 1e-6
+    assert abs(result["loss"] - objective.item()) < 1e-6
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), reference.parameters()))
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), initial))  # the weights really moved
 

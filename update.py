@@ -3,14 +3,14 @@
     pi_old   log-probs of the policy that sampled the batch, scored once before the first optimizer step
              (the first mini-batch is on-policy: its pi_old is its own forward, detached)
     for each of M mini-batches (a shuffle of the batch split M ways; identical trajectories in it, same
-                                tokens and advantage, are scored once with their advantage times their count):
+                                tokens, mask and advantage, are scored once, the advantage times their count):
         for each micro-batch (rows and padded tokens capped, longest first): loss (dspo.py) and backward,
             weighted so the step's loss is the mean over the mini-batch's trajectories
         clip the gradient norm, one optimizer step (skipped if the gradient is not finite)
 
 Later mini-batches are off-policy, which is what the clip is for. Under torchrun each rank takes every W-th
-trajectory of a mini-batch and FSDP2 averages gradients over ranks. Left out: gradient accumulation across
-batches, a value function, a KL penalty.
+distinct trajectory of a mini-batch and FSDP2 averages gradients over ranks. Left out: gradient accumulation
+across batches, a value function, a KL penalty.
 """
 import math
 from dataclasses import dataclass
@@ -56,9 +56,10 @@ def micro_batches(rows: list[int], lengths: list[int], max_rows: int, max_tokens
 
 
 def distinct_trajectories(episodes, advantages, rows: list[int], copies: torch.Tensor) -> list[int]:
-    """The first of each set of rows with the same tokens, loss mask and advantage, in order; copies[first]
-    counts the set. A group often samples the same trajectory twice, and k copies are one term of the loss
-    counted k times, so the update scores each once, its advantage multiplied by k."""
+    """The first of each set of rows with the same tokens, loss mask and advantage, in order; adds to
+    copies[first] (in place) one for every other row of its set. A group often samples the same trajectory
+    twice, and k copies are one term of the loss counted k times, so the update scores each once, its
+    advantage multiplied by k."""
     first = {}
     for i in rows:
         key = (tuple(episodes[i].prompt_ids + episodes[i].response_ids), tuple(episodes[i].loss_mask),
@@ -75,8 +76,9 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
     """Old log-probs once (for the off-policy mini-batches), then settings.mini_batches optimizer steps
     (micro-batched) on a shuffled batch. Returns the step's metrics (means over its optimizer steps).
 
-    With W ranks each takes every W-th trajectory of a mini-batch; FSDP2 averages gradients over ranks, so
-    a trajectory's loss is weighted W / (mini-batch size) and the step equals one process's. Every rank
+    With W ranks each takes every W-th distinct trajectory of a mini-batch; FSDP2 averages gradients over
+    ranks, so a trajectory's loss, standing for k copies, is weighted W k / (mini-batch size) and the step
+    equals one process's. Every rank
     runs the same number of forward/backward passes (a rank short of work repeats one with weight 0),
     because each pass gathers parameters collectively.
 
@@ -93,12 +95,13 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
     if without_tokens:
         episodes, advantages = [episodes[i] for i in with_tokens], advantages[with_tokens]
     if not episodes:
-        return {"episodes_without_model_tokens": without_tokens, "skipped": 1, "skipped_optimizer_steps": 0}
+        return {"episodes_without_model_tokens": without_tokens, "skipped": 1, "skipped_optimizer_steps": 0,
+                "distinct_trajectories": 0}
     # The same shuffle on every rank, and the same after a resume.
     order = torch.randperm(len(episodes), generator=torch.Generator().manual_seed(settings.seed * 100003 + step))
     lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes]
     share_prefix = size == 1 and not settings.grad_checkpointing
-    copies = torch.ones(len(episodes))  # how many trajectories of its mini-batch each scored one stands for
+    copies = torch.ones(len(episodes))  # copies[i]: how many identical trajectories of its mini-batch row i stands for
     plan = []  # per mini-batch: [(episode indices, loss weight, metrics weight)], the same count on every rank
     for chunk in np.array_split(order.tolist(), min(settings.mini_batches, len(order))):
         distinct = distinct_trajectories(episodes, advantages, chunk.tolist(), copies)
