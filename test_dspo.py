@@ -1983,8 +1983,8 @@ def test_identical_trajectories_are_scored_once_and_the_step_is_unchanged(loss):
     model, tokenizer = tiny_model()
     reference = copy.deepcopy(model)
     initial = [p.detach().clone() for p in model.parameters()]
-    a, b, c = (Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7], loss_mask=[1, 1, 0, 1])
-               for i in range(3))
+    a, b, c = (Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7],
+                       loss_mask=[1, 1, 0, 1]) for i in range(3))
     episodes = [a, b, copy.deepcopy(a), c, copy.deepcopy(a), copy.deepcopy(b)]
     advantages = torch.tensor([0.5, -1.5, 0.5, 0.5, 0.5, -1.5])
     args = train.parse_args(["--model", "tiny", "--mini-batches", "1", "--micro-batch", "8", "--lr", "1.0",

@@ -78,9 +78,8 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
 
     With W ranks each takes every W-th distinct trajectory of a mini-batch; FSDP2 averages gradients over
     ranks, so a trajectory's loss, standing for k copies, is weighted W k / (mini-batch size) and the step
-    equals one process's. Every rank
-    runs the same number of forward/backward passes (a rank short of work repeats one with weight 0),
-    because each pass gathers parameters collectively.
+    equals one process's. Every rank runs the same number of forward/backward passes (a rank short of work
+    repeats one with weight 0), because each pass gathers parameters collectively.
 
     An episode without model tokens (sum(loss_mask) == 0: a prompt that alone fills the context, kept when
     the filter is off) has no log-prob the loss could move. It is left out before the shuffle, so it gets no
@@ -101,7 +100,7 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
     order = torch.randperm(len(episodes), generator=torch.Generator().manual_seed(settings.seed * 100003 + step))
     lengths = [len(e.prompt_ids) + len(e.response_ids) for e in episodes]
     share_prefix = size == 1 and not settings.grad_checkpointing
-    copies = torch.ones(len(episodes))  # copies[i]: how many identical trajectories of its mini-batch row i stands for
+    copies = torch.ones(len(episodes))  # copies[i]: the identical trajectories of its mini-batch row i stands for
     plan = []  # per mini-batch: [(episode indices, loss weight, metrics weight)], the same count on every rank
     for chunk in np.array_split(order.tolist(), min(settings.mini_batches, len(order))):
         distinct = distinct_trajectories(episodes, advantages, chunk.tolist(), copies)

@@ -5,14 +5,14 @@ evaluation), printed as a markdown table.
     python -m tools.bench_step                       # SmolLM2-135M-Instruct, 3 steps of each (CPU)
     python -m tools.bench_step --schedules copying,default,batched --model tiny --steps 1
 
-"copying": the defaults with the 2026-12-01 sampler put back: transformers copies every key/value head once
-per query head when a batch is padded (TRANSFORMERS_SDPA_FORCE_GQA=0), the sampler's KV cache concatenates (a
-DynamicCache, which copies every cached key and value of every layer each decoding step), and every rollout
-encodes the shared prompt prefix anew, and the update scores every copy of a trajectory a group sampled
-more than once. "default": the defaults (grouped attention without the copies on CPU,
-a KV cache with spare room, the prefix encoded once while the weights stay the same, identical trajectories
-of a mini-batch scored once). "batched": the defaults
-with --refill batched (one round that oversamples by the share of groups kept so far, kinds balanced).
+"copying": the defaults with the 2026-12-01 step put back: transformers copies every key/value head once per
+query head when a batch is padded (TRANSFORMERS_SDPA_FORCE_GQA=0), the sampler's KV cache concatenates (a
+DynamicCache, which copies every cached key and value of every layer each decoding step), every rollout
+encodes the shared prompt prefix anew, and the update scores every copy of a trajectory that a group sampled
+more than once. "default": the defaults (grouped attention without the copies on CPU, a KV cache with spare
+room, the prefix encoded once while the weights stay the same, identical trajectories of a mini-batch scored
+once). "batched": the defaults with --refill batched (one round that oversamples by the share of groups kept
+so far, kinds balanced).
 A step is its rollout (all rounds) plus its update, as train.py logs them (time/rollout_s, time/update_s).
 Schedules that keep different numbers of groups a step are compared by informative groups and trained
 trajectories per minute of steps too: the learning a minute buys. Every schedule samples the same
@@ -32,9 +32,10 @@ import generation
 import train
 import update
 
-# name: (train.py flags, grouped attention without head copies, the spare-room KV cache, kept prefix and
-# identical trajectories scored once)
-SCHEDULES = {"copying": ([], False, False), "default": ([], True, True), "batched": (["--refill", "batched"], True, True)}
+# name: (train.py flags, grouped attention without head copies, today's caches and update: the spare-room KV
+# cache, the kept prefix and identical trajectories scored once)
+SCHEDULES = {"copying": ([], False, False), "default": ([], True, True),
+             "batched": (["--refill", "batched"], True, True)}
 
 
 def run_schedule(name: str, model: str, steps: int, seed: int, folder: Path) -> dict:
