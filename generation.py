@@ -13,6 +13,9 @@ rollout.py calls generate_turn() once per turn. What happens underneath:
   sampled token and [left padding | observation]. Padding and tokens after a stop stay in the cache, masked
   out; positions count only attended tokens, so the model sees what re-encoding the unpadded episode would
   show it.
+- Rows that repeat another row exactly (a group's tries until they first sample different tokens: the
+  question, often a first search and its passage) are encoded once and their keys and values copied
+  (encode_repeats_once); generate() then encodes only each row's last token.
 - The KV cache keeps spare room (spare_room_cache): a step writes its keys and values in place, where
   transformers' DynamicCache would concatenate, copying every cached key and value of every layer each step.
 
@@ -197,6 +200,39 @@ def extend(previous: TurnCache, active: list[int], sequences, pad_id) -> TurnCac
     return TurnCache(active, torch.cat([old_ids, new_ids], 1), torch.cat([old_mask, new_mask], 1), previous.cache)
 
 
+def encode_repeats_once(model, state: TurnCache) -> TurnCache:
+    """Encode what `state.cache` lacks of `state.input_ids`, all but the last column, once per distinct row, and
+    copy its keys and values to the rows that repeat it; generate() then encodes only the last column.
+    A group's tries are the same episode until they first sample different tokens (the prompt, and often a
+    first search and its passage), so most of a turn's new tokens are repeats. Rows count as the same when
+    their attended tokens and mask are: what a masked slot holds (padding, tokens after a stop) is never
+    read. The same keys and values as encoding every row (up to float rounding); unchanged when no row
+    repeats another or there is nothing to encode."""
+    cached = state.cache.get_seq_length() if state.cache is not None else 0
+    width = state.input_ids.shape[1]
+    rows = torch.cat([state.input_ids * state.attention_mask, state.attention_mask], 1).tolist()
+    first = {}  # a row's tokens and mask -> the first row that has them
+    for row, key in enumerate(map(tuple, rows)):
+        first.setdefault(key, row)
+    if len(first) == len(rows) or width - cached < 2:
+        return state
+    distinct = torch.tensor(list(first.values()))                            # [U] one row of each kind
+    slot = {row: j for j, row in enumerate(first.values())}
+    copies = torch.tensor([slot[first[key]] for key in map(tuple, rows)])    # [A] each row's distinct row
+    cache = state.cache if state.cache is not None else spare_room_cache(model)
+    if cached:
+        cache.batch_select_indices(distinct)
+    device = next(model.parameters()).device
+    mask = state.attention_mask[distinct, :width - 1]  # [U, width - 1]
+    # Positions as generate() derives them: attended tokens count, masked slots get 1 (never read).
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, cached:]
+    with torch.no_grad():
+        model(input_ids=state.input_ids[distinct, cached:width - 1].to(device), attention_mask=mask.to(device),
+              position_ids=positions.to(device), use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
+    cache.batch_select_indices(copies.to(device))
+    return TurnCache(state.episodes, state.input_ids, state.attention_mask, cache)
+
+
 def sampler_config(max_new_tokens: int, greedy: bool, temperature: float, pad_id: int, eos_ids: set[int]):
     """The sampler, built from scratch: softmax(logits / temperature) over the whole vocabulary (greedy: its
     argmax), exactly the distribution dspo.token_logprobs scores. No top-k, top-p, min-p, typical-p,
@@ -250,13 +286,15 @@ def generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strin
 
 class TurnDecoder:
     """Generates a rollout's turns one at a time and keeps what can be reused between them: the KV cache of
-    the prompts' shared prefix (share_prefix) and each row's KV cache from its last turn (reuse_cache).
-    Neither changes a token (up to float rounding); both only save prefill time. `seconds` adds up where the
+    the prompts' shared prefix (share_prefix) and each row's KV cache from its last turn (reuse_cache); rows
+    that repeat another are encoded once (share_repeats). None changes a token (up to float rounding); all
+    only save prefill time. `seconds` adds up where the
     time went: "prefix" (encoding the shared prefix) and "generate" (turn setup and generate())."""
 
-    def __init__(self, model, tokenizer, share_prefix: bool = True, reuse_cache: bool = True):
+    def __init__(self, model, tokenizer, share_prefix: bool = True, reuse_cache: bool = True,
+                 share_repeats: bool = True):
         self.model, self.tokenizer = model, tokenizer
-        self.share_prefix, self.reuse_cache = share_prefix, reuse_cache
+        self.share_prefix, self.reuse_cache, self.share_repeats = share_prefix, reuse_cache, share_repeats
         self.eos_ids = end_of_turn_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.seconds = {"prefix": 0.0, "generate": 0.0}
@@ -277,6 +315,8 @@ class TurnDecoder:
         began = time.perf_counter()
         state = self.state if self.state is not None else prefix_turn(active, self.prefix, self.prefix_kv)
         state = extend(state, active, sequences, self.pad_id)
+        if self.share_repeats:
+            state = encode_repeats_once(self.model, state)
         turns, state = generate_turn(self.model, self.tokenizer, state, max_new_tokens, stop_strings, self.eos_ids,
                                      self.pad_id, greedy, temperature)
         self.state = state if self.reuse_cache else None  # frees this turn's KV cache before the next is built

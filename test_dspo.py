@@ -1573,6 +1573,42 @@ def test_reusing_each_episodes_cache_across_turns_samples_the_same_tokens(world,
     assert max(e.num_turns for e in runs[True]) == 3 and sum(e.valid_searches for e in runs[True]) >= 2
 
 
+@pytest.mark.parametrize("greedy,share_prefix", [(True, True), (False, True), (True, False)])
+def test_rows_that_repeat_another_are_encoded_once_and_sample_the_same_tokens(world, monkeypatch, greedy,
+                                                                             share_prefix):
+    # Groups of 3 tries of 4 questions, as train.py samples them: the tries are one episode until they differ.
+    import generation
+    model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
+    prompts = [p for p in prompts[:4] for _ in range(3)]
+    encoded = []  # rows of each forward that encodes more than one position
+
+    def count(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] > 1:
+            encoded.append(len(kwargs["input_ids"]))
+
+    def run(share):
+        encoded.clear()
+        generation._last_prefix.clear()  # both runs encode the prefix (batch 1) themselves
+        torch.manual_seed(0)
+        decoder = TurnDecoder(model, tokenizer, share_prefix=share_prefix, share_repeats=share)
+        episodes = rollout(model, tokenizer, BM25Index(world.passages), prompts, list("abcdefghijkl"), max_turns=2,
+                           topk=2, max_turn_tokens=48, max_response_tokens=2000, decoder=decoder, greedy=greedy,
+                           temperature=1.0)
+        return episodes, encoded[int(share_prefix):]  # the turns' encodings, the prefix's left out
+
+    hook = model.register_forward_pre_hook(count, with_kwargs=True)
+    shared, shared_rows = run(True)
+    every, every_rows = run(False)
+    hook.remove()
+    assert _outcomes(shared) == _outcomes(every)
+    assert every_rows[0] == 12 and shared_rows[0] == 4  # the first turn: each question once
+    if greedy:  # the tries never differ: every turn encodes one row per question still running
+        assert len(every_rows) == 3 and shared_rows == [rows // 3 for rows in every_rows]
+        assert {e.num_turns for e in shared} == {1, 2, 3}
+    else:  # sampled tries differ after the first turn, and are encoded one by one
+        assert len({tuple(e.response_ids) for e in shared}) > 4
+
+
 @pytest.mark.parametrize("greedy", [True, False])
 def test_the_spare_room_cache_samples_the_tokens_concatenation_samples(world, monkeypatch, greedy):
     # Rows leave the batch between turns (selected rows), the prefix is repeated per row, turns append.
@@ -3248,6 +3284,7 @@ def test_step_benchmark_runs_the_schedules_and_prints_their_ratios(capsys, monke
     assert caches and generation.spare_room_cache.__name__ == "<lambda>"  # the patched one came back after "copying"
     import update
     assert update.distinct_trajectories.__name__ == "distinct_trajectories"  # and the update's own
+    assert generation.encode_repeats_once.__name__ == "encode_repeats_once"  # and the sampler's
     table = capsys.readouterr().out.split("| | copying | default | batched |")[1]
     printed = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines()[2:] if line}
     assert printed["generation rounds a step"][:3] == ["3.00", "3.00", "1.00"]  # rounds: 3 of B; batched: one

@@ -8,10 +8,11 @@ evaluation), printed as a markdown table.
 "copying": the defaults with the 2026-12-01 step put back: transformers copies every key/value head once per
 query head when a batch is padded (TRANSFORMERS_SDPA_FORCE_GQA=0), the sampler's KV cache concatenates (a
 DynamicCache, which copies every cached key and value of every layer each decoding step), every rollout
-encodes the shared prompt prefix anew, and the update scores every copy of a trajectory that a group sampled
-more than once. "default": the defaults (grouped attention without the copies on CPU, a KV cache with spare
-room, the prefix encoded once while the weights stay the same, identical trajectories of a mini-batch scored
-once). "batched": the defaults with --refill batched (one round that oversamples by the share of groups kept
+encodes the shared prompt prefix anew, every row is encoded even where it repeats another (a group's tries
+before they differ), and the update scores every copy of a trajectory that a group sampled more than once.
+"default": the defaults (grouped attention without the copies on CPU, a KV cache with spare room, the prefix
+encoded once while the weights stay the same, repeated rows encoded once, identical trajectories of a
+mini-batch scored once). "batched": the defaults with --refill batched (one round that oversamples by the share of groups kept
 so far, kinds balanced).
 A step is its rollout (all rounds) plus its update, as train.py logs them (time/rollout_s, time/update_s).
 Schedules that keep different numbers of groups a step are compared by informative groups and trained
@@ -33,7 +34,7 @@ import train
 import update
 
 # name: (train.py flags, grouped attention without head copies, today's caches and update: the spare-room KV
-# cache, the kept prefix and identical trajectories scored once)
+# cache, the kept prefix, repeated rows encoded once and identical trajectories scored once)
 SCHEDULES = {"copying": ([], False, False), "default": ([], True, True),
              "batched": (["--refill", "batched"], True, True)}
 
@@ -43,13 +44,14 @@ def run_schedule(name: str, model: str, steps: int, seed: int, folder: Path) -> 
     flags, grouped_attention, spare_room = SCHEDULES[name]
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1" if grouped_attention else "0"
     spare_room_cache, prefix_cache = generation.spare_room_cache, generation.prefix_cache
-    distinct_trajectories = update.distinct_trajectories
+    distinct_trajectories, encode_repeats_once = update.distinct_trajectories, generation.encode_repeats_once
     if not spare_room:  # the sampler's caches become transformers' own, which concatenate, made every rollout
         generation.spare_room_cache = lambda model: generation.DynamicCache()
         def prefix_made_anew(model, prefix):
             generation._last_prefix.clear()
             return prefix_cache(model, prefix)
         generation.prefix_cache = prefix_made_anew
+        generation.encode_repeats_once = lambda model, state: state  # every row encoded
         update.distinct_trajectories = lambda episodes, advantages, rows, copies: rows  # every copy scored
     out = folder / name
     try:
@@ -57,7 +59,7 @@ def run_schedule(name: str, model: str, steps: int, seed: int, folder: Path) -> 
                     "--out", str(out), *flags])
     finally:
         generation.spare_room_cache, generation.prefix_cache = spare_room_cache, prefix_cache
-        update.distinct_trajectories = distinct_trajectories
+        update.distinct_trajectories, generation.encode_repeats_once = distinct_trajectories, encode_repeats_once
         generation._last_prefix.clear()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "time/rollout_s" in r]
