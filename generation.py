@@ -220,9 +220,9 @@ def encode_repeats_once(model, state: TurnCache) -> TurnCache:
     slot = {row: j for j, row in enumerate(first.values())}
     copies = torch.tensor([slot[first[key]] for key in map(tuple, rows)])    # [A] each row's distinct row
     cache = state.cache if state.cache is not None else spare_room_cache(model)
-    if cached:
-        cache.batch_select_indices(distinct)
     device = next(model.parameters()).device
+    if cached:
+        cache.batch_select_indices(distinct.to(device))
     mask = state.attention_mask[distinct, :width - 1]  # [U, width - 1]
     # Positions as generate() derives them: attended tokens count, masked slots get 1 (never read).
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, cached:]
