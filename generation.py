@@ -9,13 +9,14 @@ rollout.py calls generate_turn() once per turn. What happens underneath:
   the last row stops, and tokens a row samples after its stop are cut.
 - The prompt prefix all episodes share (instruction and worked examples) is encoded once while the weights
   stay the same (prefix_cache) and its KV cache copied into the first turn. Each later turn continues from
-  the cache the last turn's generate() returned, less finished episodes, and encodes per row only its last
+  the cache the last turn's generate() returned, less finished episodes, and encodes per distinct row only its last
   sampled token and [left padding | observation]. Padding and tokens after a stop stay in the cache, masked
   out; positions count only attended tokens, so the model sees what re-encoding the unpadded episode would
   show it.
-- Rows that repeat another row exactly (a group's tries until they first sample different tokens: the
-  question, often a first search and its passage) are encoded once and their keys and values copied
-  (encode_repeats_once); generate() then encodes only each row's last token.
+- Rows that repeat another row exactly are encoded once and their keys and values copied
+  (encode_repeats_once); generate() then encodes only each row's last token. A group's tries always repeat
+  each other on the first turn (the same question), and on later turns where they sampled the same text,
+  as a confident policy often does (a first search that copies the question's name).
 - The KV cache keeps spare room (spare_room_cache): a step writes its keys and values in place, where
   transformers' DynamicCache would concatenate, copying every cached key and value of every layer each step.
 
@@ -203,11 +204,12 @@ def extend(previous: TurnCache, active: list[int], sequences, pad_id) -> TurnCac
 def encode_repeats_once(model, state: TurnCache) -> TurnCache:
     """Encode what `state.cache` lacks of `state.input_ids`, all but the last column, once per distinct row, and
     copy its keys and values to the rows that repeat it; generate() then encodes only the last column.
-    A group's tries are the same episode until they first sample different tokens (the prompt, and often a
-    first search and its passage), so most of a turn's new tokens are repeats. Rows count as the same when
-    their attended tokens and mask are: what a masked slot holds (padding, tokens after a stop) is never
-    read. The same keys and values as encoding every row (up to float rounding); unchanged when no row
-    repeats another or there is nothing to encode."""
+    A group's tries are the same episode until they first sample different tokens, so on the first turn and
+    often later many of a turn's new tokens are repeats. Two rows count as the same when they have the same
+    mask and the same tokens where it is 1: masked slots (padding, tokens after a stop) are never attended.
+    The keys and values are those of encoding every row (up to float rounding). Returns `state` as it is
+    when no row repeats another or only the last column is uncached; otherwise selects rows of
+    `state.cache` in place and returns a state holding the filled cache."""
     cached = state.cache.get_seq_length() if state.cache is not None else 0
     width = state.input_ids.shape[1]
     rows = torch.cat([state.input_ids * state.attention_mask, state.attention_mask], 1).tolist()
@@ -224,7 +226,7 @@ def encode_repeats_once(model, state: TurnCache) -> TurnCache:
     if cached:
         cache.batch_select_indices(distinct.to(device))
     mask = state.attention_mask[distinct, :width - 1]  # [U, width - 1]
-    # Positions as generate() derives them: attended tokens count, masked slots get 1 (never read).
+    # Positions as generate() derives them: attended tokens count; masked slots get a placeholder, never read.
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, cached:]
     with torch.no_grad():
         model(input_ids=state.input_ids[distinct, cached:width - 1].to(device), attention_mask=mask.to(device),
@@ -287,9 +289,9 @@ def generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strin
 class TurnDecoder:
     """Generates a rollout's turns one at a time and keeps what can be reused between them: the KV cache of
     the prompts' shared prefix (share_prefix) and each row's KV cache from its last turn (reuse_cache); rows
-    that repeat another are encoded once (share_repeats). None changes a token (up to float rounding); all
-    only save prefill time. `seconds` adds up where the
-    time went: "prefix" (encoding the shared prefix) and "generate" (turn setup and generate())."""
+    that repeat another are encoded once (share_repeats). None of them changes a sampled token (up to float
+    rounding); each only saves prefill time. `seconds` adds up where the time went: "prefix" (encoding the
+    shared prefix) and "generate" (turn setup, encoding repeated rows once, and generate())."""
 
     def __init__(self, model, tokenizer, share_prefix: bool = True, reuse_cache: bool = True,
                  share_repeats: bool = True):

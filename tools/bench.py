@@ -17,8 +17,8 @@ estimated from the episodes: an episode's turns are the runs of 1s in its loss m
 as long as its longest row, so the decode steps after a row stopped are idle slots, and that share of decode
 slot-steps is charged the same share of decode time (a check: the decode steps this implies equal those the
 hook counted, unless a token budget cut a turn). The same rollout with TurnDecoder(reuse_cache=False) (each
-turn re-encodes the episode so far), and with share_prefix=False as well (every turn re-encodes the few-shot
-history too), shows what each cache buys.
+turn re-encodes the episode so far), and with share_prefix=False and share_repeats=False as well (every turn
+re-encodes the few-shot history too, and every row even where it repeats another), shows what each buys.
 
 Update section: update.py's update() (old log-probs of the off-policy mini-batches, then --mini-batches AdamW
 steps, micro-batched, DSPO loss; train.py's default flags, --train-args changes them) on the rollout's
@@ -194,8 +194,8 @@ PART_LABELS = {
 
 
 def bench_rollout(model, tokenizer, batch, train_args, seed: int):
-    """rollout() with both caches, without the per-episode one, and with neither, against one generate()
-    of as many tokens."""
+    """rollout() with every cache, without the per-episode one, and with none (every row encoded), against one
+    generate() of as many tokens."""
     _, prompts, _ = batch
     plain_generate(model, tokenizer, prompts[:2], 2, train_args.temperature)  # warm up kernels and allocator
     shared = run_rollout(model, tokenizer, batch, train_args, seed)
@@ -206,7 +206,8 @@ def bench_rollout(model, tokenizer, batch, train_args, seed: int):
     with forward_clock(model) as plain_clock:
         plain_wall = timed(lambda: plain_generate(model, tokenizer, prompts, per_row, train_args.temperature))[0]
     runs = [shared, run_rollout(model, tokenizer, batch, train_args, seed, reuse_cache=False),
-            run_rollout(model, tokenizer, batch, train_args, seed, reuse_cache=False, share_prefix=False)]
+            run_rollout(model, tokenizer, batch, train_args, seed, reuse_cache=False, share_prefix=False,
+                        share_repeats=False)]
 
     columns = [rollout_parts(*run) for run in runs]
     columns.append({"prefill": plain_clock["prefill"], "decode running": plain_clock["decode"],
@@ -222,7 +223,7 @@ def bench_rollout(model, tokenizer, batch, train_args, seed: int):
     print_table(f"Rollout: {len(prompts)} trajectories, train.py defaults (max_turns {train_args.max_turns}, "
                 f"topk {train_args.topk}, max_turn_tokens {train_args.max_turn_tokens}, temperature "
                 f"{train_args.temperature}), seconds (share of wall)",
-                ["", "rollout()", "rollout(reuse_cache=False)", "(also share_prefix=False)",
+                ["", "rollout()", "rollout(reuse_cache=False)", "(also share_prefix=False, share_repeats=False)",
                  "one generate(), same tokens"], rows)
     steps, slots, idle = decode_slots(episodes)
     print(f"\nIdle rows (method in the module docstring): {idle} of {slots} decode slot-steps "
