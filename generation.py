@@ -9,8 +9,8 @@ rollout.py calls generate_turn() once per turn. What happens underneath:
   the last row stops, and tokens a row samples after its stop are cut.
 - The prompt prefix all episodes share (instruction and worked examples) is encoded once while the weights
   stay the same (prefix_cache) and its KV cache copied into the first turn. Each later turn continues from
-  the cache the last turn's generate() returned, less finished episodes, and encodes per distinct row only its last
-  sampled token and [left padding | observation]. Padding and tokens after a stop stay in the cache, masked
+  the cache the last turn's generate() returned, less finished episodes, and encodes per distinct row only
+  its last sampled token and [left padding | observation]. Padding and tokens after a stop stay in the cache, masked
   out; positions count only attended tokens, so the model sees what re-encoding the unpadded episode would
   show it.
 - Rows that repeat another row exactly are encoded once and their keys and values copied
