@@ -41,9 +41,10 @@ EXAMPLE_PASSAGES = [
 ]
 EXAMPLE_NAMES = frozenset({"Ilvane Dorsk", "Marrowick", "Venmark", "Peltro Quane", "Tallowen", "Ossel",
                            "Tessaly Brune", "Grennock Maps", "Oskarra", "Dulmere"})
-# (question, search queries in order, answer)
+# (question, search queries in order, answer). Worded as the world's questions are (world.py), so the two
+# examples differ only where the kinds do: born in which city, one search; founded in which country, two.
 EXAMPLE_EPISODES = [
-    ("Where was Ilvane Dorsk born?", ["Ilvane Dorsk"], "Marrowick"),
+    ("In which city was Ilvane Dorsk born?", ["Ilvane Dorsk"], "Marrowick"),
     ("In which country was Grennock Maps founded?", ["Grennock Maps", "Oskarra"], "Dulmere"),
 ]
 
