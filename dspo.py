@@ -6,7 +6,7 @@ For each question q the policy samples a group of G trajectories y_1..y_G with r
 2. Dynamic filter: a group whose rewards are all equal has A_i = 0 for every member and carries no
    signal, so it is dropped and further questions are sampled until the batch holds B informative
    groups or a cap on generation rounds is reached. A round samples B groups, or (the batched refill)
-   B / (the share of groups kept so far), so one large round does what several small ones would.
+   B / (the share of groups informative so far), so one large round does what several small ones would.
 3. Sequence-level importance ratio over M_i, the tokens the model generated itself (prompt and
    retrieved <information> tokens are excluded):
        s_i = exp( 1/|M_i| * sum_{t in M_i} (log pi_theta(y_i,t) - log pi_old(y_i,t)) )
@@ -73,7 +73,7 @@ def fill_batch(sample_groups: Callable[[int, int], list[list]], num_groups: int,
 
     sample_groups(r, count) returns `count` new groups for round r (r = 0, 1, ...), each a list of records
     with a `.reward`. With informative_rate=None every round asks for num_groups groups. Given the share of
-    groups the filter has kept so far, a round asks for as many as that rate says will fill what is
+    groups the filter has passed so far, a round asks for as many as that rate says will fill what is
     missing, so one batched round usually does the work of several small ones; all rounds together ask for
     at most num_groups * max_rounds groups either way. When a round holds more informative groups than
     are missing, they are taken in turn from each `kind` (e.g. 1-hop and 2-hop questions), the kind kept

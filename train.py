@@ -132,8 +132,9 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
                    "groups; all rounds of a step sample at most B times this many groups")
     p.add_argument("--refill", choices=["batched", "rounds"], default="rounds",
                    help="rounds: every round samples B groups of the shuffled questions, one round after another (the "
-                   "demo's tested schedule); batched: a round samples B / (share kept so far) groups at once, each "
-                   "kind of question in proportion to how rarely it is kept, at most B / kinds kept of one kind")
+                   "demo's tested schedule); batched: a round samples B / (informative share so far) groups at "
+                   "once, each kind of question in proportion to how rarely it is informative, at most B / kinds "
+                   "kept of one kind")
     # optimisation
     p.add_argument("--steps", type=_number(int, 0), help=f"training steps {preset}")
     p.add_argument("--max-minutes", type=_number(float, 0), default=0,
@@ -335,17 +336,17 @@ def main(argv=None):
                                             for kind in sorted(by_kind)})
     source = {}  # group id -> its question's kind, for fill_batch's balance and the log (this step's groups)
 
-    def kept_share(kind: str) -> float:
-        """The share of the kind's groups the filter kept so far (resumed runs included), from a prior of one
-        in three."""
+    def informative_share(kind: str) -> float:
+        """The share of the kind's groups so far that were informative (passed the filter, whether or not the
+        batch still had room for them; resumed runs included), from a prior of one in three."""
         return (kinds[kind]["informative"] + 1) / (kinds[kind]["sampled"] + 3)
 
     def sample_round(step: int, round_: int, count: int) -> list[list]:
         """Round `round_` of step `step`: `count` new questions, G scored trajectories each, as groups. With the
-        batched refill each kind is asked in proportion to 1 / its kept share, else the next of one shuffle.
+        batched refill each kind is asked in proportion to 1 / its informative share, else the next of one shuffle.
         Group ids stay unique if a question comes back (and on resume)."""
         if args.refill == "batched" and not args.no_filter:
-            weights = {kind: 1 / kept_share(kind) for kind in by_kind}
+            weights = {kind: 1 / informative_share(kind) for kind in by_kind}
             questions = questions_by_kind(by_kind, weights, count, kinds, args.seed)
         else:
             questions = next_questions(train_set, count, data_state, args.seed)
@@ -363,8 +364,8 @@ def main(argv=None):
 
     def informative_rate() -> float:
         """The share of a round's groups the filter is expected to keep when each kind is asked in proportion to
-        1 / its kept share: the harmonic mean of the kinds' shares."""
-        return len(kinds) / sum(1 / kept_share(kind) for kind in kinds)
+        1 / its informative share: the harmonic mean of the kinds' shares."""
+        return len(kinds) / sum(1 / informative_share(kind) for kind in kinds)
 
     learning = settings_for(UpdateSettings, args)
     log = open(out / "metrics.jsonl", "a") if rank == 0 else open(os.devnull, "w")

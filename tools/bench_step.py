@@ -13,7 +13,7 @@ before they differ), and the update scores every copy of a trajectory that a gro
 "default": the defaults (grouped attention without the copies on CPU, a KV cache with spare room, the prefix
 encoded once while the weights stay the same, repeated rows encoded once, identical trajectories of a
 mini-batch scored once). "batched": the defaults with --refill batched (one round that oversamples by the
-share of groups kept so far, kinds balanced).
+share of groups informative so far, kinds balanced).
 A step is its rollout (all rounds) plus its update, as train.py logs them (time/rollout_s, time/update_s).
 Schedules that keep different numbers of groups a step are compared by informative groups and trained
 trajectories per minute of steps too: the learning a minute buys. Every schedule samples the same
