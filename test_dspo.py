@@ -43,7 +43,7 @@ from dspo import (dspo_loss, fill_batch, filter_groups, grpo_loss, group_advanta
 from evaluate import METHOD_LABELS, eval_table, evaluate, evaluate_method, summarize, write_eval_report
 from generation import TurnDecoder, shared_prefix_length
 from models import tiny_model
-from prompts import INVALID_ACTION, baseline_prompts, encode_prompt
+from prompts import INVALID_ACTION, baseline_prompts, encode_messages, encode_prompt
 from reward import exact_match, extract_answer, normalize_answer, score_response, token_f1
 from rollout import MAX_QUERY_CHARS, Episode, RolloutSettings, collate, generate_episodes, parse_action, rollout
 import search
@@ -1527,13 +1527,16 @@ def _multi_turn_tiny_model(monkeypatch, world):
         return ("search", titles[len(text) % len(titles)]) if kind == "invalid" and len(text) % 2 else (kind, query)
 
     monkeypatch.setattr("rollout.parse_action", parse)
-    torch.manual_seed(0)
+    torch.manual_seed(9)  # a seed whose episodes take 1, 2 and 3 turns (the tests below check they do)
     model, tokenizer = tiny_model()
     with torch.no_grad():
         for weight in model.model.layers.parameters():
             if weight.ndim == 2:
                 weight.normal_(0, 0.3)
-    prompts = [encode_prompt(tokenizer, q.question, "few-shot", 2) for q in world.test[:8]]
+    # A conversation of its own, so that a change to the training prompts leaves these episodes as they are.
+    system = "Answer the question. Search with <search> query </search>; answer with <answer> answer </answer>."
+    prompts = [encode_messages(tokenizer, [{"role": "system", "content": system},
+                                           {"role": "user", "content": q.question}]) for q in world.test[:8]]
     return model, tokenizer, prompts
 
 
