@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
-from transformers import DynamicCache, GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, \
+    StoppingCriteriaList
 from transformers.cache_utils import DynamicLayer
 
 
@@ -54,6 +55,31 @@ class StopAtTags(StoppingCriteria):
             if int(new[row, -1]) in self.eos_ids or any(s in tail for s in self.stop_strings):
                 self.stop_at[row] = step
         return (self.stop_at >= 0).to(input_ids.device)
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Records log pi(token) of every token the sampler draws, pi = softmax(logits / temperature): at each
+    step the log-prob of the last step's draw (now the last column of input_ids), and of the final draw in
+    finish(). It sees the logits before generate() applies the temperature, and returns them unchanged."""
+
+    def __init__(self, temperature: float):
+        self.temperature, self.last, self.logps = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        self.record(input_ids[:, -1])
+        self.last = torch.log_softmax(scores.float() / self.temperature, -1)  # [A, V]
+        return scores
+
+    def record(self, drawn: torch.Tensor) -> None:
+        if self.last is not None:
+            self.logps.append(self.last.gather(1, drawn[:, None].to(self.last.device))[:, 0].cpu())
+
+    def finish(self, sequences: torch.Tensor, width: int) -> torch.Tensor:
+        """[A, L] log-probs of the L tokens generate() appended after column `width`."""
+        if sequences.shape[1] - width > len(self.logps):
+            self.record(sequences[:, -1])
+            self.last = None
+        return torch.stack(self.logps, 1) if self.logps else torch.zeros(len(sequences), 0)
 
 
 def end_of_turn_ids(tokenizer) -> set[int]:
@@ -250,11 +276,13 @@ def sampler_config(max_new_tokens: int, greedy: bool, temperature: float, pad_id
 
 
 def generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strings, eos_ids, pad_id, greedy,
-                   temperature) -> tuple[list[tuple[list[int], bool]], TurnCache]:
+                   temperature) -> tuple[list[tuple[list[int], bool, list[float]]], TurnCache]:
     """One batched generate call that encodes what `state.cache` lacks of `state.input_ids`, then samples.
-    Returns each row's new tokens cut at its stop and whether it stopped, and the state after it."""
+    Returns each row's new tokens cut at its stop, whether it stopped, and the sampler's log-prob of each
+    kept token (empty when greedy), and the state after it."""
     width = state.input_ids.shape[1]
     stopper = StopAtTags(tokenizer, stop_strings, eos_ids, width)
+    recorder = SampledLogprobs(temperature) if not greedy else None
     config = sampler_config(max_new_tokens, greedy, temperature, pad_id, eos_ids)
     device = next(model.parameters()).device
     kwargs = {cache_keyword(model): state.cache if state.cache is not None else spare_room_cache(model)}
@@ -270,6 +298,7 @@ def generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strin
         with torch.no_grad():
             out = model.generate(input_ids=state.input_ids.to(device), attention_mask=state.attention_mask.to(device),
                                  generation_config=config, stopping_criteria=StoppingCriteriaList([stopper]),
+                                 logits_processor=LogitsProcessorList([recorder] if recorder else []),
                                  synced_gpus=False, **kwargs)
     finally:
         if shipped is not None:
@@ -279,7 +308,9 @@ def generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strin
     stop_at = stopper.stop_at if stopper.stop_at is not None else torch.full((len(new),), -1)
     # Each row keeps its tokens up to its stop; one that never stopped ran out of its budget and keeps all.
     kept = torch.where(stop_at >= 0, stop_at + 1, new.shape[1])  # [A]
-    turns = [(new[row, :int(n)].tolist(), bool(stop_at[row] >= 0)) for row, n in enumerate(kept)]
+    logps = recorder.finish(sequences, width) if recorder else torch.zeros(len(new), 0)  # [A, L] or [A, 0]
+    turns = [(new[row, :int(n)].tolist(), bool(stop_at[row] >= 0), logps[row, :int(n)].tolist())
+             for row, n in enumerate(kept)]
     # A row that stopped early was fed padding until the last row stopped: cached, but masked from now on.
     new_mask = (torch.arange(new.shape[1]) < kept[:, None]).long()  # [A, L]
     return turns, TurnCache(state.episodes, sequences, torch.cat([state.attention_mask, new_mask], 1),
@@ -310,9 +341,9 @@ class TurnDecoder:
         self.seconds["prefix"] += time.perf_counter() - began
 
     def turn(self, active: list[int], sequences: list[list[int]], max_new_tokens: int, stop_strings: list[str],
-             greedy: bool, temperature: float) -> list[tuple[list[int], bool]]:
+             greedy: bool, temperature: float) -> list[tuple[list[int], bool, list[float]]]:
         """One turn for the `active` episodes, whose token ids so far are `sequences`: each row's new tokens,
-        cut at its stop, and whether it stopped. Without reuse_cache every turn starts over from the prefix
+        cut at its stop, whether it stopped, and the sampler's log-probs of those tokens (empty when greedy). Without reuse_cache every turn starts over from the prefix
         and re-encodes the episode so far."""
         began = time.perf_counter()
         state = self.state if self.state is not None else prefix_turn(active, self.prefix, self.prefix_kv)

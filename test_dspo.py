@@ -2010,6 +2010,65 @@ def test_update_equals_scoring_pi_old_for_every_trajectory_before_the_first_step
     assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), initial))  # the weights really moved
 
 
+def test_pi_old_from_the_sampler_skips_the_scoring_pass_and_takes_the_same_steps():
+    """With old_logprobs "sampler" (the float32 default) the off-policy mini-batch takes pi_old from the log-probs
+    the episodes carry, with no forward pass of its own, and the weights move as when pi_old is scored first;
+    the on-policy mini-batch logs how far those log-probs are from its forward (sampler_logp_gap)."""
+    import copy
+    from rollout import Episode
+    import train
+    torch.manual_seed(0)
+    model, tokenizer = tiny_model()
+    episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7],
+                        loss_mask=[1, 1, 0, 1]) for i in range(4)]
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    with torch.no_grad():
+        old = token_logprobs(model, input_ids, attention_mask, train.parse_args(["--model", "tiny"]).temperature)
+    for row, episode in enumerate(episodes):  # what the sampler would have recorded: 0 on the observation
+        episode.sampler_logps = (old[row, 2:6] * loss_mask[row, 2:6]).tolist()
+    advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    weights, passes, results = [], [], []
+    for source in ("sampler", "recompute"):
+        net = copy.deepcopy(model)
+        rows = []
+        net.register_forward_pre_hook(lambda module, inputs, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                      with_kwargs=True)
+        args = train.parse_args(["--model", "tiny", "--mini-batches", "2", "--micro-batch", "2", "--lr", "1.0",
+                                 "--old-logprobs", source])
+        optimizer = torch.optim.SGD(net.parameters(), lr=args.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: 1.0)
+        results.append(train.update(net, optimizer, scheduler, episodes, advantages, _learning(args),
+                                    tokenizer.pad_token_id))
+        weights.append([p.detach() for p in net.parameters()])
+        passes.append(len(rows))
+    assert passes == [4, 6]  # a pass is two forwards (shared prefix, rows); recompute scores mini-batch 2 first
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*weights))
+    assert results[0]["ratio/max"] - results[0]["ratio/min"] > 1e-2  # the second mini-batch ran off-policy
+    assert results[0]["sampler_logp_gap"] < 1e-5 and results[1]["sampler_logp_gap"] < 1e-5
+    assert train.parse_args(["--model", "tiny"]).old_logprobs == "sampler"
+    assert train.parse_args(["--model", "tiny", "--dtype", "bfloat16"]).old_logprobs == "recompute"
+    assert train.parse_args(["--model", "tiny", "--amp"]).old_logprobs == "recompute"
+
+
+def test_the_sampler_records_the_log_prob_of_every_token_it_draws(world, monkeypatch):
+    """A sampled rollout's episodes carry log pi(token) at the sampling temperature for each model token and 0 on
+    observations; they equal the training forward's log-probs of the same ids (float32: up to rounding)."""
+    from rollout import sampler_logprobs
+    model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
+    torch.manual_seed(3)
+    episodes = rollout(model, tokenizer, BM25Index(world.passages), prompts, [str(i) for i in range(len(prompts))], max_turns=2, topk=2,
+                       max_turn_tokens=48, max_response_tokens=2000, temperature=0.7)
+    assert all(len(e.sampler_logps) == len(e.response_ids) for e in episodes)
+    assert all(lp == 0.0 for e in episodes for lp, m in zip(e.sampler_logps, e.loss_mask) if not m)
+    assert sum(e.loss_mask.count(0) for e in episodes) > 0  # some observations were spliced in
+    input_ids, attention_mask, loss_mask = collate(episodes, tokenizer.pad_token_id)
+    with torch.no_grad():
+        scored = token_logprobs(model, input_ids, attention_mask, 0.7)
+    sampled = sampler_logprobs(episodes)
+    assert sampled.shape == scored.shape and (sampled * loss_mask).min() < -0.5  # real log-probs, not zeros
+    assert ((sampled - scored).abs() * loss_mask).max() < 1e-4
+
+
 @pytest.mark.parametrize("loss", ["dspo", "grpo"])
 def test_identical_trajectories_are_scored_once_and_the_step_is_unchanged(loss):
     """A mini-batch with one trajectory three times and another twice (same tokens, same advantage, one

@@ -152,6 +152,10 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
                    f"shared prompt prefix once, so larger is faster while memory lasts {preset}")
     p.add_argument("--micro-batch-tokens", type=_number(int, 0),
                    help=f"also cap a micro-batch's padded tokens (rows x longest); 0: no cap {preset}")
+    p.add_argument("--old-logprobs", choices=["sampler", "recompute"],
+                   help="pi_old of the off-policy mini-batches: the log-probs the sampler drew with, or a forward "
+                   "pass before the first optimizer step (default: sampler when the model computes in float32, "
+                   "recompute in bf16, where the sampler's rounding differs by more than the clip)")
     p.add_argument("--grad-clip", type=positive, default=1.0, help="max gradient norm")
     p.add_argument("--warmup", type=_number(int, 0), help=f"optimizer steps of linear learning-rate warm-up {preset}")
     # evaluation and output
@@ -178,6 +182,8 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
         p.error(f"--fact-order shuffled needs --data synthetic (its passages are written one fact a line), not "
                 f"--data {args.data}")
     apply_preset(args, p, parameters, processes)
+    if args.old_logprobs is None:
+        args.old_logprobs = "sampler" if args.dtype == "float32" and not args.amp else "recompute"
     return args
 
 

@@ -1,14 +1,19 @@
 """The policy update: one batch of scored episodes -> old log-probs -> mini-batches of clipped-loss steps.
 
-    pi_old   log-probs of the policy that sampled the batch, scored once before the first optimizer step
-             (the first mini-batch is on-policy: its pi_old is its own forward, detached)
+    pi_old   log-probs of the policy that sampled the batch: the first mini-batch is on-policy, its pi_old
+             its own forward, detached; later ones take the sampler's own log-probs (old_logprobs "sampler",
+             float32 compute) or are scored once before the first optimizer step ("recompute", bf16)
     for each of M mini-batches (a shuffle of the batch split M ways; identical trajectories in it, same
                                 tokens, mask and advantage, are scored once, the advantage times their count):
         for each micro-batch (rows and padded tokens capped, longest first): loss (dspo.py) and backward,
             weighted so the step's loss is the mean over the mini-batch's trajectories
         clip the gradient norm, one optimizer step (skipped if the gradient is not finite)
 
-Later mini-batches are off-policy, which is what the clip is for. Under torchrun each rank takes every W-th
+Later mini-batches are off-policy, which is what the clip is for. The sampler computed every sampled token's
+log-prob already; in float32 it equals the update's forward up to rounding (~1e-6, against a clip of 3e-4),
+so no pass is spent on it. In bf16 the sampler's cached, batched decoding rounds differently from the
+update's forward by more than the clip, so pi_old is scored by the update's own forward there. Either way
+`sampler_logp_gap` logs the largest difference on the on-policy mini-batch. Under torchrun each rank takes every W-th
 distinct trajectory of a mini-batch and FSDP2 averages gradients over ranks. Left out: gradient accumulation
 across batches, a value function, a KL penalty.
 """
@@ -22,7 +27,7 @@ from tqdm import tqdm
 from distributed import all_reduce, gathered, rank_and_size
 from dspo import dspo_loss, grpo_loss, token_logprobs
 from generation import shared_prefix_length
-from rollout import collate
+from rollout import collate, sampler_logprobs
 
 
 @dataclass
@@ -37,6 +42,7 @@ class UpdateSettings:
     micro_batch_tokens: int   # cap on a micro-batch's padded tokens (0: none)
     grad_clip: float          # max gradient norm
     temperature: float        # the sampling temperature: log-probs are taken at it
+    old_logprobs: str         # pi_old of later mini-batches: "sampler" (its log-probs) or "recompute" (a pass)
     amp: bool                 # bf16 autocast over fp32 weights
     grad_checkpointing: bool  # recompute activations in the backward pass
     seed: int                 # seeds the shuffle, with the step
@@ -122,13 +128,17 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
         input_ids, attention_mask, loss_mask, _, prefix_len = batch(rows)
         return token_logprobs(model, input_ids, attention_mask, settings.temperature, prefix_len, loss_mask)
 
-    with torch.no_grad(), gathered(model), autocast(device.type, settings.amp):
-        # pi_old, the policy that sampled this batch: [rows, T-1] per micro-batch, scored before the first
-        # optimizer step. The first mini-batch is on-policy, so its pi_old is its own forward's log-probs,
-        # detached (None here), and needs no pass of its own.
-        old_logps = [[None] * len(plan[0])] + [[logprobs(rows) for rows, *_ in mine] for mine in plan[1:]]
+    # pi_old, the policy that sampled this batch: [rows, T-1] per micro-batch. The first mini-batch is on-policy,
+    # so its pi_old is its own forward's log-probs, detached (None here), and needs no pass of its own.
+    sampled = sampler_logprobs(episodes)  # [N, T-1] or None
+    if settings.old_logprobs == "sampler" and sampled is not None:
+        old_logps = [[None] * len(plan[0])] + [[sampled[rows, :max(lengths[i] for i in rows) - 1].to(device)
+                                                for rows, *_ in mine] for mine in plan[1:]]
+    else:  # scored before the first optimizer step
+        with torch.no_grad(), gathered(model), autocast(device.type, settings.amp):
+            old_logps = [[None] * len(plan[0])] + [[logprobs(rows) for rows, *_ in mine] for mine in plan[1:]]
 
-    sums, steps, skipped, ratio_min, ratio_max = {}, 0, 0, math.inf, -math.inf
+    sums, steps, skipped, ratio_min, ratio_max, gap_max = {}, 0, 0, math.inf, -math.inf, 0.0
     model.train(settings.grad_checkpointing)  # HF checkpoints layers only in train mode; dropout is off anyway
     for mine, old in tqdm(list(zip(plan, old_logps)), desc="update", leave=False, dynamic_ncols=True,
                           disable=rank != 0):
@@ -138,7 +148,11 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
             with autocast(device.type, settings.amp):
                 logp = token_logprobs(model, input_ids, attention_mask, settings.temperature, prefix_len,
                                       loss_mask)
-            old_logp = logp.detach() if old_logp is None else old_logp
+            if old_logp is None:  # on-policy: how far the sampler's log-probs are from this forward's
+                old_logp = logp.detach()
+                if sampled is not None and weight:
+                    gap = (sampled[rows, :old_logp.shape[1]].to(device) - old_logp).abs() * loss_mask
+                    gap_max = max(gap_max, gap.max().item())
             if settings.loss == "dspo":
                 loss, metrics = dspo_loss(logp, old_logp, loss_mask, adv, settings.clip_low, settings.clip_high)
             else:
@@ -165,6 +179,7 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
     sums = all_reduce(sums, "sum")
     result = {f"{k}_mean" if k.startswith("clip_ratio") else k: v / steps for k, v in sums.items()}
     result.update({"ratio/min": -all_reduce(-ratio_min, "max"), "ratio/max": all_reduce(ratio_max, "max"),
+                   "sampler_logp_gap": all_reduce(gap_max, "max"),
                    "skipped_optimizer_steps": skipped, "episodes_without_model_tokens": without_tokens,
                    "distinct_trajectories": len(episodes) - int((copies - 1).sum())})
     return result

@@ -9,10 +9,11 @@ evaluation), printed as a markdown table.
 query head when a batch is padded (TRANSFORMERS_SDPA_FORCE_GQA=0), the sampler's KV cache concatenates (a
 DynamicCache, which copies every cached key and value of every layer each decoding step), every rollout
 encodes the shared prompt prefix anew, every row is encoded even where it repeats another (a group's tries
-before they differ), and the update scores every copy of a trajectory that a group sampled more than once.
+before they differ), the update scores every copy of a trajectory that a group sampled more than once, and
+it scores pi_old of the off-policy mini-batch in a pass of its own (--old-logprobs recompute).
 "default": the defaults (grouped attention without the copies on CPU, a KV cache with spare room, the prefix
 encoded once while the weights stay the same, repeated rows encoded once, identical trajectories of a
-mini-batch scored once). "batched": the defaults with --refill batched (one round that oversamples by the
+mini-batch scored once, pi_old the sampler's own log-probs). "batched": the defaults with --refill batched (one round that oversamples by the
 share of groups informative so far, kinds balanced).
 A step is its rollout (all rounds) plus its update, as train.py logs them (time/rollout_s, time/update_s).
 Schedules that keep different numbers of groups a step are compared by informative groups and trained
@@ -35,7 +36,7 @@ import update
 
 # name: (train.py flags, grouped attention without head copies, today's caches and update: the spare-room KV
 # cache, the kept prefix, repeated rows encoded once and identical trajectories scored once)
-SCHEDULES = {"copying": ([], False, False), "default": ([], True, True),
+SCHEDULES = {"copying": (["--old-logprobs", "recompute"], False, False), "default": ([], True, True),
              "batched": (["--refill", "batched"], True, True)}
 
 
