@@ -343,8 +343,8 @@ class TurnDecoder:
     def turn(self, active: list[int], sequences: list[list[int]], max_new_tokens: int, stop_strings: list[str],
              greedy: bool, temperature: float) -> list[tuple[list[int], bool, list[float]]]:
         """One turn for the `active` episodes, whose token ids so far are `sequences`: each row's new tokens,
-        cut at its stop, whether it stopped, and the sampler's log-probs of those tokens (empty when greedy). Without reuse_cache every turn starts over from the prefix
-        and re-encodes the episode so far."""
+        cut at its stop, whether it stopped, and the sampler's log-probs of those tokens (empty when greedy).
+        Without reuse_cache every turn starts over from the prefix and re-encodes the episode so far."""
         began = time.perf_counter()
         state = self.state if self.state is not None else prefix_turn(active, self.prefix, self.prefix_kv)
         state = extend(state, active, sequences, self.pad_id)

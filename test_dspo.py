@@ -1243,7 +1243,7 @@ class ScriptedPolicy(torch.nn.Module):
         self.observations_in_prompt = prompt.count("<information>")
 
     def generate(self, input_ids, attention_mask, generation_config, stopping_criteria, synced_gpus,
-                 past_key_values=None):  # the cache it is given stays empty: every turn reads the whole context
+                 logits_processor=(), past_key_values=None):  # the cache stays empty: every turn reads it all
         eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         rows = []
         for row in input_ids.tolist():
@@ -1254,6 +1254,8 @@ class ScriptedPolicy(torch.nn.Module):
             rows.append(script + [eos] * generation_config.max_new_tokens)
         out = input_ids
         for step in range(generation_config.max_new_tokens):
+            for processor in logits_processor:  # uniform logits: every drawn token has log-prob -log(vocab)
+                processor(out, torch.zeros(len(rows), len(self.tokenizer)))
             out = torch.cat([out, torch.tensor([[r[step]] for r in rows])], dim=1)
             if stopping_criteria[0](out, None).all():
                 break
@@ -1288,6 +1290,11 @@ def test_loss_mask_is_one_exactly_on_generated_tokens(world):
     assert loss_mask[0, :len(episode.prompt_ids) - 1].sum() == 0  # prompt tokens are never trained
     targets = input_ids[0, 1:][loss_mask[0].bool()].tolist()
     assert targets == generated
+    # The sampler's log-prob sits on exactly the generated tokens (uniform logits here), 0 on the spliced ones.
+    uniform = -math.log(len(tokenizer))
+    drawn = [lp for lp, m in zip(episode.sampler_logps, episode.loss_mask) if m]
+    assert len(drawn) == len(generated) and all(abs(lp - uniform) < 1e-5 for lp in drawn)
+    assert all(lp == 0.0 for lp, m in zip(episode.sampler_logps, episode.loss_mask) if not m)
 
 
 def test_a_shuffling_rollout_shows_the_searched_passages_facts_in_drawn_orders():
