@@ -309,6 +309,9 @@ def generate_turn(model, tokenizer, state: TurnCache, max_new_tokens, stop_strin
     # Each row keeps its tokens up to its stop; one that never stopped ran out of its budget and keeps all.
     kept = torch.where(stop_at >= 0, stop_at + 1, new.shape[1])  # [A]
     logps = recorder.finish(sequences, width) if recorder else torch.zeros(len(new), 0)  # [A, L] or [A, 0]
+    if recorder and logps.shape[1] != new.shape[1]:
+        raise RuntimeError(f"generate() ran the logits processors {logps.shape[1]} times for {new.shape[1]} "
+                           "sampled tokens: the sampler's log-probs would not line up with its tokens")
     turns = [(new[row, :int(n)].tolist(), bool(stop_at[row] >= 0), logps[row, :int(n)].tolist())
              for row, n in enumerate(kept)]
     # A row that stopped early was fed padding until the last row stopped: cached, but masked from now on.

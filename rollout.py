@@ -65,8 +65,8 @@ class Episode:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)   # model tokens and observations
     loss_mask: list[int] = field(default_factory=list)      # 1 where the model generated the token
-    sampler_logps: list[float] = field(default_factory=list)  # log pi_old of each model token as the sampler drew
-                                  # it, 0.0 on observations (all 0.0 when greedy), aligned with response_ids
+    sampler_logps: list[float] | None = field(default_factory=list)  # log pi_old of each model token as the
+                                  # sampler drew it, 0.0 on observations, aligned with response_ids; None greedy
     response_text: str = ""       # the model's own text only (observations left out)
     num_turns: int = 0
     valid_searches: int = 0
@@ -109,7 +109,9 @@ def rollout(model, tokenizer, index: BM25Index, prompts: list[list[int]], group_
         for i, (tokens, stopped, logps), budget in zip(active, turns, budgets):
             episode = episodes[i]
             stopped, tokens = stopped and len(tokens) <= budget, tokens[:budget]
-            episode.sampler_logps += (logps or [0.0] * len(tokens))[:len(tokens)]
+            if episode.sampler_logps is not None:  # None from the first turn that came without them (greedy)
+                episode.sampler_logps = episode.sampler_logps + logps[:len(tokens)] \
+                    if len(logps) >= len(tokens) else None
             text = tokenizer.decode(tokens, skip_special_tokens=True)
             kind, query = parse_action(text, stopped, last_turn, episode.response_text)
             episode.response_ids += tokens
@@ -146,7 +148,8 @@ def _append_observation(episode: Episode, tokenizer, text: str, limit: int) -> N
         tokens, episode.truncated = tokens[:max(room, 0)], True
     episode.response_ids += tokens
     episode.loss_mask += [0] * len(tokens)
-    episode.sampler_logps += [0.0] * len(tokens)
+    if episode.sampler_logps is not None:
+        episode.sampler_logps += [0.0] * len(tokens)
 
 
 def collate(episodes: list[Episode], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -167,7 +170,7 @@ def collate(episodes: list[Episode], pad_id: int) -> tuple[torch.Tensor, torch.T
 def sampler_logprobs(episodes: list[Episode]) -> torch.Tensor | None:
     """The sampler's log-probs laid out as collate's loss mask: [B, T-1], entry t the log-prob of token t+1,
     0 on prompts, observations and padding; None when an episode does not carry them (greedy, or made by hand)."""
-    if any(len(e.sampler_logps) != len(e.response_ids) for e in episodes):
+    if any(e.sampler_logps is None or len(e.sampler_logps) != len(e.response_ids) for e in episodes):
         return None
     width = max(len(e.prompt_ids) + len(e.response_ids) for e in episodes)
     logps = torch.zeros(len(episodes), width)

@@ -2063,8 +2063,9 @@ def test_the_sampler_records_the_log_prob_of_every_token_it_draws(world, monkeyp
     from rollout import sampler_logprobs
     model, tokenizer, prompts = _multi_turn_tiny_model(monkeypatch, world)
     torch.manual_seed(3)
-    episodes = rollout(model, tokenizer, BM25Index(world.passages), prompts, [str(i) for i in range(len(prompts))], max_turns=2, topk=2,
-                       max_turn_tokens=48, max_response_tokens=2000, temperature=0.7)
+    index, ids = BM25Index(world.passages), [str(i) for i in range(len(prompts))]
+    episodes = rollout(model, tokenizer, index, prompts, ids, max_turns=2, topk=2, max_turn_tokens=48,
+                       max_response_tokens=2000, temperature=0.7)
     assert all(len(e.sampler_logps) == len(e.response_ids) for e in episodes)
     assert all(lp == 0.0 for e in episodes for lp, m in zip(e.sampler_logps, e.loss_mask) if not m)
     assert sum(e.loss_mask.count(0) for e in episodes) > 0  # some observations were spliced in
@@ -2074,6 +2075,9 @@ def test_the_sampler_records_the_log_prob_of_every_token_it_draws(world, monkeyp
     sampled = sampler_logprobs(episodes)
     assert sampled.shape == scored.shape and (sampled * loss_mask).min() < -0.5  # real log-probs, not zeros
     assert ((sampled - scored).abs() * loss_mask).max() < 1e-4
+    greedy = rollout(model, tokenizer, index, prompts, ids, max_turns=2, topk=2, max_turn_tokens=48,
+                     max_response_tokens=2000, greedy=True)
+    assert all(e.sampler_logps is None for e in greedy) and sampler_logprobs(greedy) is None  # not zeros
 
 
 @pytest.mark.parametrize("loss", ["dspo", "grpo"])
@@ -2911,6 +2915,9 @@ def test_resume_refuses_a_new_seed_or_model_and_applies_a_new_lr(tmp_path, capsy
     assert [line for line in said.splitlines() if line.startswith("--resume:")] == [
         "--resume: --steps 3 (the saved run had 2): using 3"]  # the lr continues, with no note
     assert json.loads((tmp_path / "checkpoint-000003" / "run_args.json").read_text())["lr"] == 2e-3
+    assert "old-logprobs         sampler        default" in said  # float32: pi_old from the sampler
+    main(run + ["--steps", "4", "--resume", "--amp"])  # bf16 now: pi_old is scored again, not the saved "sampler"
+    assert "old-logprobs         recompute      default" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -3360,6 +3367,17 @@ def test_step_benchmark_runs_the_schedules_and_prints_their_ratios(capsys, monke
     assert printed["trajectories sampled a step"][:3] == ["48.00", "48.00", "48.00"]  # cap: B x max-gen-rounds
     assert rows["copying"]["step"] > 0 and rows["default"]["step"] > 0
     assert float(printed["step s"][3]) == pytest.approx(rows["default"]["step"] / rows["copying"]["step"], abs=0.01)
+
+
+# --- sampler_gap.py -------------------------------------------------------------------------------
+
+def test_sampler_gap_is_rounding_in_float32_and_larger_in_bf16():
+    from tools import sampler_gap
+    run = ["--model", "tiny", "--questions", "3", "--group-size", "2", "--max-turn-tokens", "8"]
+    exact, rounded = sampler_gap.main(run), sampler_gap.main(run + ["--dtype", "bfloat16"])
+    assert exact["tokens"] > 0 and rounded["tokens"] > 0
+    assert exact["max gap"] < 1e-4 and exact["max |log s_i|"] < 1e-5
+    assert rounded["max gap"] > 10 * exact["max gap"]
 
 
 # --- probe.py -------------------------------------------------------------------------------------

@@ -154,8 +154,9 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
                    help=f"also cap a micro-batch's padded tokens (rows x longest); 0: no cap {preset}")
     p.add_argument("--old-logprobs", choices=["sampler", "recompute"],
                    help="pi_old of the off-policy mini-batches: the log-probs the sampler drew with, or a forward "
-                   "pass before the first optimizer step (default: sampler when the model computes in float32, "
-                   "recompute in bf16, where the sampler's rounding differs by more than the clip)")
+                   "pass before the first optimizer step (default: sampler with --dtype float32 and no --amp, "
+                   "recompute otherwise, where bf16 rounding in the sampler differs by more than the clip; "
+                   "episodes without sampler log-probs are always scored)")
     p.add_argument("--grad-clip", type=positive, default=1.0, help="max gradient norm")
     p.add_argument("--warmup", type=_number(int, 0), help=f"optimizer steps of linear learning-rate warm-up {preset}")
     # evaluation and output
@@ -182,9 +183,16 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
         p.error(f"--fact-order shuffled needs --data synthetic (its passages are written one fact a line), not "
                 f"--data {args.data}")
     apply_preset(args, p, parameters, processes)
-    if args.old_logprobs is None:
-        args.old_logprobs = "sampler" if args.dtype == "float32" and not args.amp else "recompute"
+    follow_compute_dtype(args)
     return args
+
+
+def follow_compute_dtype(args) -> None:
+    """--old-logprobs, unless given: the sampler's log-probs when the model computes in float32 (--dtype
+    float32, no --amp), a scoring pass otherwise. Derived again after --resume has settled dtype and amp."""
+    if args.sources["old_logprobs"] != "flag":
+        args.old_logprobs = "sampler" if args.dtype == "float32" and not args.amp else "recompute"
+        args.sources["old_logprobs"] = "default"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +277,7 @@ def main(argv=None):
     parameters = parameter_count(str(checkpoint or args.model), args.trust_remote_code)
     args = parse_args(argv, parameters, int(os.environ.get("WORLD_SIZE", "1")))
     changed = continue_settings(args, saved_run_args(checkpoint), checkpoint) if checkpoint else {}
+    follow_compute_dtype(args)  # a resumed run may compute in another precision than the saved one
     rank, size, args.device = start_processes(args.device, args.dist_timeout)
     say = tqdm.write if rank == 0 else (lambda *_: None)
     for line in changed.values():

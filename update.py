@@ -179,7 +179,7 @@ def update(model, optimizer, scheduler, episodes, advantages, settings: UpdateSe
     sums = all_reduce(sums, "sum")
     result = {f"{k}_mean" if k.startswith("clip_ratio") else k: v / steps for k, v in sums.items()}
     result.update({"ratio/min": -all_reduce(-ratio_min, "max"), "ratio/max": all_reduce(ratio_max, "max"),
-                   "sampler_logp_gap": all_reduce(gap_max, "max"),
+                   **({"sampler_logp_gap": all_reduce(gap_max, "max")} if sampled is not None else {}),
                    "skipped_optimizer_steps": skipped, "episodes_without_model_tokens": without_tokens,
                    "distinct_trajectories": len(episodes) - int((copies - 1).sum())})
     return result
