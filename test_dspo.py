@@ -1423,6 +1423,16 @@ def _tiny_checkpoint(folder: Path, **config) -> Path:
     return folder
 
 
+@pytest.mark.parametrize("greedy", [False, True])
+def test_the_sampler_config_sets_no_flag_generate_warns_of(greedy):
+    """An evaluation (greedy) once printed "generation flags are not valid" for a top_k set while not sampling;
+    strict validation raises on exactly what generate() warns of."""
+    from generation import sampler_config
+    config = sampler_config(8, greedy, 0.5, 0, {1})
+    config.validate(strict=True)
+    assert config.do_sample is (not greedy) and config.top_k == (None if greedy else 0)
+
+
 def test_the_sampler_is_the_distribution_token_logprobs_scores_despite_a_shipped_generation_config(world, tmp_path):
     from models import load_model
     model, tokenizer = load_model(str(_tiny_checkpoint(tmp_path / "qwen-like")))
