@@ -266,8 +266,8 @@ def sampler_config(max_new_tokens: int, greedy: bool, temperature: float, pad_id
     argmax), exactly the distribution dspo.token_logprobs scores. No top-k, top-p, min-p, typical-p,
     repetition or n-gram penalty: any of them would make pi_old differ from the policy that sampled. Greedy
     leaves top_k unset: it is a sampling flag, and generate() warns of a 0 there on every evaluation."""
-    neutral = dict(top_k=None if greedy else 0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0,
-                   repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+    neutral = dict(top_k=None if greedy else 0, top_p=1.0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0,
+                   eta_cutoff=0.0, repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
                    length_penalty=1.0, bad_words_ids=None, suppress_tokens=None, begin_suppress_tokens=None,
                    forced_bos_token_id=None, forced_eos_token_id=None, min_length=0, min_new_tokens=None,
                    num_beams=1, renormalize_logits=False)
