@@ -202,9 +202,10 @@ def generate_episodes(model, tokenizer, index, examples, group_ids, settings: Ro
 
     `method` "agent" searches (up to max_turns); "direct" and "rag" answer in one turn from their own
     prompts (prompts.py). With W processes each generates a contiguous W-th of the examples and every
-    process gets all the episodes back, in order. Each chunk's sampling is seeded from the seed and its first
-    group id, so a chunk samples the same tokens whichever process runs it (and after a resume). The
-    episodes are not scored: reward.score_episodes does that.
+    process gets all the episodes back, in order. Each chunk's sampling is seeded from the seed, its first
+    group id and that row's place in its group, so the same chunk samples the same tokens whichever process
+    runs it and after a resume (another process count or rollout batch cuts other chunks, which sample
+    otherwise). The episodes are not scored: reward.score_episodes does that.
     """
     rank, size = rank_and_size()
     share = math.ceil(len(examples) / size)
@@ -217,7 +218,10 @@ def generate_episodes(model, tokenizer, index, examples, group_ids, settings: Ro
                 prompts = [encode_prompt(tokenizer, x.question, settings.template, settings.topk) for x in chunk]
             else:
                 prompts = baseline_prompts(tokenizer, index, chunk, method, settings.template, settings.topk)
-            chunk_seed = zlib.crc32(f"{settings.seed}/{group_ids[start]}".encode())
+            # A chunk that starts inside its group (a rollout batch smaller than the group, or a rank's share
+            # cut mid-group) adds its offset there, so it does not draw the tries of the chunk before it.
+            offset = start - group_ids.index(group_ids[start])
+            chunk_seed = zlib.crc32(f"{settings.seed}/{group_ids[start]}{f'/{offset}' if offset else ''}".encode())
             torch.manual_seed(chunk_seed)
             episodes += rollout(
                 model, tokenizer, index, prompts, group_ids[start:start + len(chunk)],

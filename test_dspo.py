@@ -26,6 +26,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from itertools import chain
 from pathlib import Path
 from types import SimpleNamespace
@@ -1050,6 +1051,15 @@ def test_vocabulary_finds_every_term_and_nothing_else():
     assert [vocab.get(word) for word in ["", "alph", "alphaa", "the", "zzz", "w1000"]] == [None] * 6
 
 
+def test_an_index_cache_that_cannot_be_written_stops_in_one_line_naming_the_flag(tmp_path, index_cache):
+    import train
+    corpus = write_lines(tmp_path / "c.jsonl", [json.dumps({"id": "1", "contents": '"Paris"\nParis is in France.'})])
+    index_cache.parent.write_text("a file where the cache folder should be")  # as a read-only or full disk fails
+    with pytest.raises(SystemExit) as stop:
+        train.open_index(corpus, f"--corpus {corpus}")
+    assert_one_line_error(stop, f"error: --corpus {corpus}: ")
+
+
 def test_cached_index_builds_once_then_maps_the_saved_index(tmp_path):
     corpus = tmp_path / "corpus.txt"
     texts = unicode_zipf_corpus(7, 120)
@@ -1332,6 +1342,26 @@ def test_the_sampler_seeds_the_fact_order_as_it_seeds_sampling(world, monkeypatc
         assert draws == [None, None, None]
     else:  # the same group ids draw the same order (evaluation repeats, resume), others another
         assert draws[0] == draws[1] != draws[2]
+
+
+def test_chunks_that_start_inside_one_group_sample_with_different_seeds(world, monkeypatch):
+    import rollout as rollout_module
+    seeds = []
+
+    def recording_rollout(model, tokenizer, index, prompts, group_ids, **_):
+        seeds.append(torch.initial_seed())
+        return [Episode(g, list(p)) for p, g in zip(prompts, group_ids)]
+    monkeypatch.setattr(rollout_module, "rollout", recording_rollout)
+    model, tokenizer = tiny_model()
+    examples, ids = [world.test[0]] * 3 + [world.test[1]], ["a", "a", "a", "b"]
+    generate_episodes(model, tokenizer, BM25Index(world.passages), examples, ids,
+                      dataclasses.replace(EVAL_SETTINGS, rollout_batch=1))
+    assert len(set(seeds)) == 4  # one row a chunk: each try of "a" draws its own tokens
+    by_row, seeds = seeds, []
+    generate_episodes(model, tokenizer, BM25Index(world.passages), examples, ids,
+                      dataclasses.replace(EVAL_SETTINGS, rollout_batch=3))
+    # A chunk that starts at its group's first row is seeded by the seed and the group id alone, as before.
+    assert seeds == [by_row[0], by_row[3]] and by_row[0] == zlib.crc32(f"{EVAL_SETTINGS.seed}/a".encode())
 
 
 def test_invalid_action_gets_a_corrective_observation(world):
@@ -2582,7 +2612,8 @@ def test_the_7b_command_prints_its_preset_and_stops_before_loading_weights_when_
                                          ("--temperature", "-1"), ("--lr", "nan"), ("--lr", "-1"),
                                          ("--max-turn-tokens", "0"), ("--save-every", "0"), ("--steps", "-1"),
                                          ("--eval-size", "-5"), ("--clip-low", "2"), ("--max-turns", "-1"),
-                                         ("--keep", "0"), ("--keep", "-1")])
+                                         ("--keep", "0"), ("--keep", "-1"), ("--device", "gpu"),
+                                         ("--device", "meta"), ("--device", "cuda:99")])
 def test_a_meaningless_flag_value_stops_in_one_line_naming_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as stop:
         parse_args([flag, value])
@@ -2700,6 +2731,46 @@ def test_more_prompts_a_step_than_training_questions_stops_in_one_line(tmp_path)
         main(common + ["--batch-prompts", "1", "--out", str(tmp_path / "run")])
     assert_one_line_error(stop, "error: --batch-prompts 1 is more than the 0 training questions")
     assert "beyond the 1 held out for evaluation" in str(stop.value)
+
+
+def test_a_model_id_the_hub_refuses_stops_in_one_line_with_its_reason(monkeypatch):
+    import models
+    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    asked = []
+
+    def load(local):
+        asked.append(local)
+        raise OSError("Qwen/Qwen2.5-7B-Instrcut is not a local folder and is not a valid model identifier\n"
+                      "If this is a private repository, make sure to pass a token")
+    with pytest.raises(SystemExit) as stop:
+        models._from_hub(load, "Qwen/Qwen2.5-7B-Instrcut", "Qwen/Qwen2.5-7B-Instrcut")
+    assert asked == [True, False]  # the cache first, then the hub
+    assert_one_line_error(stop, "error: --model Qwen/Qwen2.5-7B-Instrcut: Qwen/Qwen2.5-7B-Instrcut is not a local "
+                                "folder and is not a valid model identifier")
+    assert "cannot be reached" not in str(stop.value)
+
+
+def test_two_processes_converting_the_default_model_at_once_both_get_the_checkpoint(tmp_path, monkeypatch):
+    import models
+    monkeypatch.setattr(models, "CACHE", tmp_path)
+    target = tmp_path / "SmolLM2-135M-Instruct"
+
+    class Converted:  # stands in for the dequantised model and its tokenizer
+        def __init__(self, other_finishes=False):
+            self.other_finishes, self.config = other_finishes, SimpleNamespace()
+
+        def save_pretrained(self, folder):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / "config.json").write_text("{}")
+            if self.other_finishes:  # the other torchrun rank's conversion lands while this one saves
+                (tmp_path / "other").mkdir()
+                (tmp_path / "other" / "config.json").write_text('{"other": 1}')
+                (tmp_path / "other").replace(target)
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: Converted(True))
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: Converted())
+    assert models.smollm2_checkpoint() == target
+    assert (target / "config.json").read_text() == '{"other": 1}'  # the first one in stays whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # this one's copy is cleaned up
 
 
 @pytest.mark.slow
@@ -2820,7 +2891,7 @@ def test_rotation_keeps_the_new_checkpoint_and_leaves_other_names_alone(tmp_path
     import checkpoints
     (tmp_path / "checkpoint-000004-backup").mkdir()
     (tmp_path / "checkpoint-notes.txt").write_text("lr 1e-2 diverged")
-    (tmp_path / "checkpoint-000009").mkdir()  # a later one, left by a run resumed from an older checkpoint
+    (tmp_path / "checkpoint-000009").mkdir()  # a later one: rotation never deletes it (train.py moves it aside)
     _saved_checkpoints(tmp_path, (1, 2, 3), keep=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "checkpoint-000003", "checkpoint-000004-backup", "checkpoint-000009", "checkpoint-notes.txt"]
@@ -2881,6 +2952,21 @@ def test_resume_moves_log_lines_of_unsaved_steps_aside_so_each_step_is_logged_on
     main(run + ["--steps", "3", "--resume"])
     assert [r["step"] for r in _records(log)] == [0, 1, 2] and "reward" in _records(log)[2]
     assert (tmp_path / "metrics.dropped.jsonl").read_text() == unsaved + "\n"
+
+
+def test_resuming_an_older_checkpoint_moves_the_later_ones_aside_so_latest_is_the_new_run(tmp_path, capsys):
+    import checkpoints
+    run = TINY_RUN + ["--eval-every", "0", "--save-every", "1", "--keep", "4", "--out", str(tmp_path)]
+    main(run + ["--steps", "4"])
+    capsys.readouterr()
+    main(run + ["--steps", "3", "--resume", str(tmp_path / "checkpoint-000002")])
+    [aside] = tmp_path.glob("abandoned-*")
+    assert f"the checkpoints past step 2 moved to {aside}" in capsys.readouterr().out
+    assert [p.name for p in checkpoints.checkpoints_in(aside)] == ["checkpoint-000003", "checkpoint-000004"]
+    assert [p.name for p in checkpoints.checkpoints_in(tmp_path)] == [
+        "checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-000003"  # the resumed run's
+    assert [r["step"] for r in _records(tmp_path / "metrics.jsonl") if "reward" in r] == [0, 1, 2]
 
 
 def test_a_fresh_run_in_a_used_folder_sets_the_earlier_run_aside(tmp_path, capsys):
