@@ -4,8 +4,9 @@ A checkpoint is a folder checkpoint-NNNNNN/ (exactly six digits: other names in 
 are never picked or deleted) with the HF weights and tokenizer (from_pretrained loads it), trainer_state.pt
 (optimizer, scheduler, step, RNG states, position in the data) and run_args.json (the run's settings, which
 train.py compares on resume). It is written under a temporary name and renamed, so a crash mid-write leaves
-the previous one intact; rotation keeps the --keep newest up to the one just written and never touches a
-later one (left by a run resumed from an older checkpoint). --resume takes the newest checkpoint that is
+the previous one intact; rotation keeps the --keep newest up to the one just written. A run resumed from an
+older checkpoint moves the later ones into abandoned-<UTC time>/, so a later --resume does not take them.
+--resume takes the newest checkpoint that is
 intact (trainer_state.pt opens, every safetensors header parses), saying which broken ones it passed over.
 With several processes every rank helps gather the full state and rank 0 writes it.
 
@@ -73,9 +74,14 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
                     "data_state": dict(data_state),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
         (tmp / "run_args.json").write_text(json.dumps(run_args or {}, indent=1) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if final.exists():  # renamed out of the way first, so a crash here leaves one whole copy
+            replaced = out / f".old-checkpoint-{step:06d}"
+            shutil.rmtree(replaced, ignore_errors=True)
+            os.replace(final, replaced)
+            os.replace(tmp, final)
+            shutil.rmtree(replaced)
+        else:
+            os.replace(tmp, final)
         older = [path for path in checkpoints_in(out) if path.name < final.name]
         for old in older[:max(0, len(older) - (keep - 1))]:
             shutil.rmtree(old)
@@ -203,14 +209,26 @@ RUN_FILES = ("metrics.jsonl", "metrics.dropped.jsonl", "metrics.png")
 def set_aside_earlier_run(out: Path) -> Path | None:
     """Move what an earlier run wrote in `out` (RUN_FILES and its checkpoint folders) into a new
     out/earlier-<UTC time>/ and return that folder; None when there was nothing. Renames only."""
-    earlier = [out / name for name in RUN_FILES if (out / name).exists()] + checkpoints_in(out)
-    if not earlier:
+    return _set_aside(out, [out / name for name in RUN_FILES if (out / name).exists()] + checkpoints_in(out),
+                      "earlier")
+
+
+def set_aside_later_checkpoints(out: Path, step: int) -> Path | None:
+    """Move the checkpoints of `out` past `step` into a new out/abandoned-<UTC time>/ and return it (None when
+    there were none): a run resumed from an older checkpoint writes those steps again, and a later
+    `--resume` must not take the abandoned run's newest. Renames only."""
+    return _set_aside(out, [path for path in checkpoints_in(out) if path.name > f"checkpoint-{step:06d}"],
+                      "abandoned")
+
+
+def _set_aside(out: Path, paths: list[Path], prefix: str) -> Path | None:
+    if not paths:
         return None
-    aside = out / time.strftime("earlier-%Y%m%d-%H%M%S", time.gmtime())
-    while aside.exists():  # two fresh runs within a second
+    aside = out / time.strftime(f"{prefix}-%Y%m%d-%H%M%S", time.gmtime())
+    while aside.exists():  # two within a second
         aside = aside.with_name(aside.name + "-")
     aside.mkdir()
-    for path in earlier:
+    for path in paths:
         os.replace(path, aside / path.name)
     return aside
 

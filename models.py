@@ -12,6 +12,7 @@ Left out: LoRA, quantised training, and loading a checkpoint directly into shard
 """
 import importlib.util
 import os
+import shutil
 import socket
 import sys
 import urllib.parse
@@ -54,7 +55,12 @@ def smollm2_checkpoint() -> Path:
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(target)
+    try:
+        tmp.replace(target)
+    except OSError:  # another process converted it first (every torchrun rank reaches here on a fresh cache)
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp)
     return target
 
 
@@ -150,17 +156,16 @@ def model_source(name: str) -> str:
 
 def _from_hub(load, name: str, source: str):
     """`load(local_files_only)` from the local cache first, then the hub; a model that is neither cached nor
-    reachable ends the run with one line (transformers would retry for half a minute, then raise)."""
+    reachable ends the run with one line (transformers would retry for half a minute, then raise), and so does
+    one the hub refuses (its first line of transformers' message)."""
     try:
         return load(True)
     except OSError:
-        if Path(source).exists() or not _hub_reachable():
-            pass
-        else:
+        if not Path(source).exists() and _hub_reachable():
             try:
                 return load(False)
-            except OSError:
-                pass
+            except OSError as error:  # the hub answered: a misspelt or gated id, or a failed download
+                sys.exit(f"error: --model {name}: {(str(error).strip().splitlines() or [repr(error)])[0]}")
     if Path(source).exists():
         sys.exit(f"error: --model {name}: {source} is not a model folder transformers can load (no config.json "
                  "or weights)")

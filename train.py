@@ -33,7 +33,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoints import (find_checkpoint, lock_run, resume_state, save_checkpoint, saved_run_args,
-                         set_aside_earlier_run, stop_on_signals, trim_metrics)
+                         set_aside_earlier_run, set_aside_later_checkpoints, stop_on_signals,
+                         trim_metrics)
 from data import (DEFAULT_CACHE, FLASHRAG_SPLITS, DataError, iter_corpus_jsonl, load_hotpotqa, load_qa_spec,
                   load_search_r1, next_questions, questions_by_kind, take_in_turn)
 from distributed import all_reduce, collective_failure, destroy_processes, gathered, shard, start_processes
@@ -70,6 +71,21 @@ def _number(kind, low=None, high=None, low_open=False):
     return parse
 
 
+def _device(text):
+    """An argparse type: cpu, or a CUDA (or MPS) device this machine has, else a one-line error."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:<index> or mps, got {text!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    return text
+
+
 def parse_args(argv=None, parameters: int = 0, processes: int = 1):
     """The flags; every setting of PRESETS that no flag gave comes from the preset for a model of `parameters`
     on `processes` processes. args.preset names it; args.sources[name] is "flag", "preset" or "default"."""
@@ -90,7 +106,8 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
                    f"bits, +2 bytes a parameter) or unbiased random rounding (8 bytes a parameter in all) {preset}")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help=f"recompute each layer's activations in the backward pass: less memory, more compute {preset}")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cpu, cuda (cuda:<index>) or mps; default cuda where there is one")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="let transformers run Python code shipped with a hub model (off: weights and configs only)")
     p.add_argument("--template", choices=["few-shot", "zero-shot"],
@@ -241,7 +258,7 @@ def open_index(corpus, name: str) -> BM25Index:
         path = Path(corpus).resolve()
         folder = DEFAULT_CACHE / "index" / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
         return cached_index(path, folder, iter_corpus_jsonl)
-    except ValueError as error:  # DataError included: a bad line of the corpus file
+    except (ValueError, OSError) as error:  # DataError included: a bad line; OSError: a full or read-only cache
         sys.exit(f"error: {name}: {error}")
 
 
@@ -333,6 +350,9 @@ def main(argv=None):
         if dropped:
             say(f"metrics.jsonl: {dropped} line(s) from step {start} on moved to metrics.dropped.jsonl (they are "
                 "written again)")
+        abandoned = set_aside_later_checkpoints(out, start) if rank == 0 else None
+        if abandoned:
+            say(f"--out {out}: the checkpoints past step {start} moved to {abandoned} (those steps are run again)")
         say(f"resumed from {checkpoint} at step {start}")
 
     def evaluation() -> dict:
