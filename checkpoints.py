@@ -74,7 +74,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
                     "data_state": dict(data_state),
                     "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "trainer_state.pt")
         (tmp / "run_args.json").write_text(json.dumps(run_args or {}, indent=1) + "\n")
-        if final.exists():  # renamed out of the way first, so a crash here leaves one whole copy
+        if final.exists():  # renamed out of the way, not deleted, until the new one is in place
             replaced = out / f".old-checkpoint-{step:06d}"
             shutil.rmtree(replaced, ignore_errors=True)
             os.replace(final, replaced)

@@ -157,7 +157,7 @@ def model_source(name: str) -> str:
 def _from_hub(load, name: str, source: str):
     """`load(local_files_only)` from the local cache first, then the hub; a model that is neither cached nor
     reachable ends the run with one line (transformers would retry for half a minute, then raise), and so does
-    one the hub refuses (its first line of transformers' message)."""
+    one the hub refuses (the first two lines of transformers' message)."""
     try:
         return load(True)
     except OSError:
@@ -165,7 +165,8 @@ def _from_hub(load, name: str, source: str):
             try:
                 return load(False)
             except OSError as error:  # the hub answered: a misspelt or gated id, or a failed download
-                sys.exit(f"error: --model {name}: {(str(error).strip().splitlines() or [repr(error)])[0]}")
+                lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
+                sys.exit(f"error: --model {name}: {' '.join(lines[:2])}")  # a gated repo's second line: its URL
     if Path(source).exists():
         sys.exit(f"error: --model {name}: {source} is not a model folder transformers can load (no config.json "
                  "or weights)")

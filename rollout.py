@@ -220,7 +220,9 @@ def generate_episodes(model, tokenizer, index, examples, group_ids, settings: Ro
                 prompts = baseline_prompts(tokenizer, index, chunk, method, settings.template, settings.topk)
             # A chunk that starts inside its group (a rollout batch smaller than the group, or a rank's share
             # cut mid-group) adds its offset there, so it does not draw the tries of the chunk before it.
-            offset = start - group_ids.index(group_ids[start])
+            offset = 0
+            while start - offset > 0 and group_ids[start - offset - 1] == group_ids[start]:
+                offset += 1
             chunk_seed = zlib.crc32(f"{settings.seed}/{group_ids[start]}{f'/{offset}' if offset else ''}".encode())
             torch.manual_seed(chunk_seed)
             episodes += rollout(

@@ -1057,7 +1057,7 @@ def test_an_index_cache_that_cannot_be_written_stops_in_one_line_naming_the_flag
     index_cache.parent.write_text("a file where the cache folder should be")  # as a read-only or full disk fails
     with pytest.raises(SystemExit) as stop:
         train.open_index(corpus, f"--corpus {corpus}")
-    assert_one_line_error(stop, f"error: --corpus {corpus}: ")
+    assert_one_line_error(stop, f"error: --corpus {corpus}: cannot write its index under {index_cache}")
 
 
 def test_cached_index_builds_once_then_maps_the_saved_index(tmp_path):
@@ -1362,6 +1362,11 @@ def test_chunks_that_start_inside_one_group_sample_with_different_seeds(world, m
                       dataclasses.replace(EVAL_SETTINGS, rollout_batch=3))
     # A chunk that starts at its group's first row is seeded by the seed and the group id alone, as before.
     assert seeds == [by_row[0], by_row[3]] and by_row[0] == zlib.crc32(f"{EVAL_SETTINGS.seed}/a".encode())
+    assert by_row[3] == zlib.crc32(f"{EVAL_SETTINGS.seed}/b".encode())  # the offset is within the group
+    seeds = []  # an id met again later (FlashRAG reuses test_0 across datasets) starts a group of its own
+    generate_episodes(model, tokenizer, BM25Index(world.passages), examples[:2] + examples[:1], ["a", "b", "a"],
+                      dataclasses.replace(EVAL_SETTINGS, rollout_batch=1))
+    assert seeds[0] == seeds[2] == by_row[0]
 
 
 def test_invalid_action_gets_a_corrective_observation(world):
@@ -2746,7 +2751,7 @@ def test_a_model_id_the_hub_refuses_stops_in_one_line_with_its_reason(monkeypatc
         models._from_hub(load, "Qwen/Qwen2.5-7B-Instrcut", "Qwen/Qwen2.5-7B-Instrcut")
     assert asked == [True, False]  # the cache first, then the hub
     assert_one_line_error(stop, "error: --model Qwen/Qwen2.5-7B-Instrcut: Qwen/Qwen2.5-7B-Instrcut is not a local "
-                                "folder and is not a valid model identifier")
+                                "folder and is not a valid model identifier If this is a private repository")
     assert "cannot be reached" not in str(stop.value)
 
 
@@ -2899,6 +2904,13 @@ def test_rotation_keeps_the_new_checkpoint_and_leaves_other_names_alone(tmp_path
     assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-000003"  # not the backup, no refusal
 
 
+def test_saving_a_step_again_replaces_its_checkpoint_and_leaves_no_hidden_copy(tmp_path):
+    import checkpoints
+    _saved_checkpoints(tmp_path, (1, 1), keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-000001"]
+    assert checkpoints.why_broken(tmp_path / "checkpoint-000001") is None
+
+
 def test_resume_passes_over_broken_checkpoints_to_the_newest_intact_one(tmp_path, capsys):
     import checkpoints
     _saved_checkpoints(tmp_path, (1, 2, 3), keep=3)
@@ -2967,6 +2979,22 @@ def test_resuming_an_older_checkpoint_moves_the_later_ones_aside_so_latest_is_th
         "checkpoint-000001", "checkpoint-000002", "checkpoint-000003"]
     assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-000003"  # the resumed run's
     assert [r["step"] for r in _records(tmp_path / "metrics.jsonl") if "reward" in r] == [0, 1, 2]
+
+
+def test_resuming_a_checkpoint_of_another_folder_sets_aside_what_the_out_folder_held(tmp_path):
+    import checkpoints
+    first, second = tmp_path / "first", tmp_path / "second"
+    run = TINY_RUN + ["--eval-every", "0", "--save-every", "1", "--keep", "4"]
+    main(run + ["--steps", "3", "--out", str(first)])
+    main(run + ["--steps", "2", "--out", str(second), "--seed", "1"])
+    second_log = (second / "metrics.jsonl").read_text()
+    main(run + ["--steps", "3", "--out", str(second), "--resume", str(first / "checkpoint-000002")])
+    [aside] = second.glob("earlier-*")
+    assert (aside / "metrics.jsonl").read_text() == second_log  # kept whole, not rotated or trimmed away
+    assert [p.name for p in checkpoints.checkpoints_in(aside)] == ["checkpoint-000001", "checkpoint-000002"]
+    assert [p.name for p in checkpoints.checkpoints_in(second)] == ["checkpoint-000003"]
+    assert [r["step"] for r in _records(second / "metrics.jsonl") if "reward" in r] == [2]
+    assert [p.name for p in checkpoints.checkpoints_in(first)] == [f"checkpoint-00000{i}" for i in (1, 2, 3)]
 
 
 def test_a_fresh_run_in_a_used_folder_sets_the_earlier_run_aside(tmp_path, capsys):

@@ -258,8 +258,11 @@ def open_index(corpus, name: str) -> BM25Index:
         path = Path(corpus).resolve()
         folder = DEFAULT_CACHE / "index" / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:12]}"
         return cached_index(path, folder, iter_corpus_jsonl)
-    except (ValueError, OSError) as error:  # DataError included: a bad line; OSError: a full or read-only cache
+    except ValueError as error:  # DataError included: a bad line of the corpus file
         sys.exit(f"error: {name}: {error}")
+    except OSError as error:  # a full or read-only disk under the cache
+        sys.exit(f"error: {name}: cannot write its index under {DEFAULT_CACHE / 'index'} (DSPO_CACHE moves it): "
+                 f"{error.strerror or error}")
 
 
 def rollout_stats(groups) -> dict:
@@ -307,7 +310,9 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # the one process that writes to --out
         lock_run(out)
-        aside = None if checkpoint or args.eval_only else set_aside_earlier_run(out)
+        # A run resumed from a checkpoint of another folder is a new run here: it shares no log with what is here.
+        continues = checkpoint and checkpoint.resolve().parent == out.resolve()
+        aside = None if continues or args.eval_only else set_aside_earlier_run(out)
         if aside:
             say(f"--out {out}: an earlier run's metrics and checkpoints moved to {aside} (--resume continues a run)")
 
