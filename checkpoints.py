@@ -256,20 +256,23 @@ def lock_run(out: Path) -> None:
     _held_lock.append(handle)
 
 
-def trim_metrics(path: Path, step: int) -> int:
+def trim_metrics(path: Path, step: int) -> tuple[int, dict | None]:
     """Keep the lines of metrics.jsonl that a resume from checkpoint `step` does not write again: the steps
     before it, and the evaluation-only line at `step` (the evaluation of that checkpoint, at the end of the
     run that saved it). A training line at or past `step` (a step logged but killed before its checkpoint,
     or a run resumed from an older checkpoint) and any line that does not parse are appended to
-    metrics.dropped.jsonl beside it. Returns how many lines were dropped."""
+    metrics.dropped.jsonl beside it. Returns how many lines were dropped, and the kept evaluation at `step`
+    (None if there is none)."""
     if not path.is_file():
-        return 0
-    kept, dropped = [], []
+        return 0, None
+    kept, dropped, evaluation = [], [], None
     for line in path.read_text().splitlines(keepends=True):
         try:
             record = json.loads(line)
-            keep = record["step"] < step or (record["step"] == step and
-                                             all(key in ("step", "time/eval_s") or key.startswith("val/") for key in record))
+            at_step = record["step"] == step and \
+                all(key in ("step", "time/eval_s") or key.startswith("val/") for key in record)
+            keep = record["step"] < step or at_step
+            evaluation = record if at_step else evaluation
         except (ValueError, KeyError, TypeError):
             keep = not line.strip()
         (kept if keep else dropped).append(line if line.endswith("\n") else line + "\n")
@@ -279,7 +282,7 @@ def trim_metrics(path: Path, step: int) -> int:
         fresh = path.with_name(f".{path.name}.tmp")
         fresh.write_text("".join(kept))
         os.replace(fresh, path)
-    return len(dropped)
+    return len(dropped), evaluation
 
 
 def resume_state(checkpoint: Path, model, optimizer, scheduler, lr: float | None = None) -> tuple[int, dict]:

@@ -178,6 +178,8 @@ def check_paths(data: str, eval_data: str | None, corpus: str | None, out: str) 
 NOT_CARRIED_OVER = {"out", "resume", "device", "dist_timeout", "eval_only", "baseline", "trust_remote_code"}
 HOW_LONG = {"steps", "max_minutes", "eval_every", "eval_size", "save_every", "keep"}
 REFUSED_ON_RESUME = {"model", "seed", "fact_order", "dtype", "rounding"}
+# Changed on resume, these leave the resumed checkpoint's evaluation as it was logged (train.py reuses it).
+SAME_EVALUATION = HOW_LONG - {"eval_size"} | {"lr"}
 
 
 def continue_settings(args, saved: dict | None, checkpoint: Path) -> dict[str, str]:

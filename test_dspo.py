@@ -2950,9 +2950,28 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, monkeyp
     untimed = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(straight / "metrics.jsonl")]
     resumed = [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _records(split / "metrics.jsonl")]
     assert len(untimed) == 5 and any(r.get("grad_norm", 0) > 0 for r in untimed)  # the weights really moved
-    # The split run also logged the final evaluation of its first half (step 2, evaluation only).
-    assert resumed[:2] + resumed[3:] == untimed and resumed[2] == {k: v for k, v in untimed[2].items()
-                                                                   if k == "step" or k.startswith("val/")}
+    # The split run logged the final evaluation of its first half (step 2, evaluation only); resumed, it takes
+    # that line for step 2's evaluation instead of evaluating the same weights again.
+    evaluated = {k: v for k, v in untimed[2].items() if k == "step" or k.startswith("val/")}
+    trained = {k: v for k, v in untimed[2].items() if not k.startswith("val/")}
+    assert resumed[:2] + resumed[4:] == untimed[:2] + untimed[3:] and resumed[2:4] == [evaluated, trained]
+
+
+def test_a_resumed_run_evaluates_its_checkpoint_again_only_if_the_evaluation_changed(tmp_path, capsys):
+    run = TINY_RUN + ["--eval-every", "2", "--eval-size", "4", "--save-every", "2", "--out", str(tmp_path)]
+    log = tmp_path / "metrics.jsonl"
+    main(run + ["--steps", "2"])
+    first = _records(log)
+    main(run + ["--steps", "2", "--resume"])  # a finished run resumed: nothing to do, nothing logged twice
+    assert _records(log) == first and not (tmp_path / "metrics.dropped.jsonl").exists()
+    assert "(its evaluation is logged already: val/em 0.000)" in capsys.readouterr().out
+    main(run + ["--steps", "3", "--resume"])  # continued: step 2 trains on without evaluating again
+    records = _records(log)
+    assert records[:3] == first and [r["step"] for r in records[3:]] == [2, 3]
+    assert not any(k.startswith("val/") for k in records[3]) and "val/em" in records[4]
+    main(run + ["--steps", "3", "--eval-size", "2", "--resume"])  # another evaluation set: evaluated again
+    assert [r["step"] for r in _records(log)] == [0, 1, 2, 2, 3, 3]
+    assert sum("val/em" in r for r in _records(log)) == 4
 
 
 def test_resume_moves_log_lines_of_unsaved_steps_aside_so_each_step_is_logged_once(tmp_path):

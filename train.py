@@ -47,8 +47,8 @@ from reward import score_episodes
 from rollout import RolloutSettings, generate_episodes
 from index_files import cached_index
 from search import BM25Index
-from settings import (apply_preset, check_fit, check_paths, continue_settings, device_bytes, preset_help,
-                      settings_table)
+from settings import (SAME_EVALUATION, apply_preset, check_fit, check_paths, continue_settings, device_bytes,
+                      preset_help, settings_table)
 from update import UpdateSettings, autocast, update
 from world import synthetic_world
 
@@ -347,18 +347,22 @@ def main(argv=None):
     # Optimizer, and where a resumed run left off
     optimizer = make_optimizer(model, args.lr, args.rounding)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: min(1.0, (done + 1) / (args.warmup + 1)))
-    start, data_state = 0, {"epoch": 0, "position": 0}
+    start, data_state, evaluated = 0, {"epoch": 0, "position": 0}, False
     if checkpoint:
         start, data_state = resume_state(checkpoint, model, optimizer, scheduler,
                                          args.lr if "lr" in changed else None)
-        dropped = trim_metrics(out / "metrics.jsonl", start) if rank == 0 else 0
+        dropped, evaluation_line = trim_metrics(out / "metrics.jsonl", start) if rank == 0 else (0, None)
         if dropped:
             say(f"metrics.jsonl: {dropped} line(s) from step {start} on moved to metrics.dropped.jsonl (they are "
                 "written again)")
         abandoned = set_aside_later_checkpoints(out, start) if rank == 0 else None
         if abandoned:
             say(f"--out {out}: the checkpoints past step {start} moved to {abandoned} (those steps are run again)")
-        say(f"resumed from {checkpoint} at step {start}")
+        # The run that saved this checkpoint evaluated it as it ended: that line stands for this step's evaluation
+        # unless a setting that changes an evaluation changed. Every rank must agree (evaluating is collective).
+        evaluated = all_reduce(int(evaluation_line is not None and not set(changed) - SAME_EVALUATION), "max") > 0
+        say(f"resumed from {checkpoint} at step {start}" + (
+            f" (its evaluation is logged already: val/em {evaluation_line['val/em']:.3f})" if evaluated and evaluation_line else ""))
 
     def evaluation() -> dict:
         began = time.perf_counter()
@@ -413,7 +417,7 @@ def main(argv=None):
         loop_began, done = time.perf_counter(), start
         for step in range(start, args.steps):
             record = {"step": step}
-            if args.eval_every and step % args.eval_every == 0:
+            if args.eval_every and step % args.eval_every == 0 and not (step == start and evaluated):
                 record.update(evaluation())
 
             # Sample, and refill until B informative groups are in hand
@@ -473,7 +477,7 @@ def main(argv=None):
                 break
 
         # The trained model's evaluation, on a line of its own
-        if args.eval_every and start <= args.steps:
+        if args.eval_every and start <= args.steps and not (done == start and evaluated):
             log.write(json.dumps({"step": done, **evaluation()}) + "\n")
 
 
