@@ -287,16 +287,16 @@ def trim_metrics(path: Path, step: int) -> tuple[int, dict | None]:
 
 def resume_state(checkpoint: Path, model, optimizer, scheduler, lr: float | None = None) -> tuple[int, dict]:
     """Load the optimizer, scheduler and RNG states of `checkpoint` (every rank reads the file; the weights
-    were loaded with the model). A new `lr` replaces the saved base learning rate, at the schedule's
-    current point (warm-up included). Returns (step, data state)."""
+    were loaded with the model). The learning rate is set from this run's schedule at its current point, so
+    a new `lr` (the base rate) or a new warm-up applies from the first step. Returns (step, data state)."""
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
     set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     if lr is not None:
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-            group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     return state["step"], state["data_state"]

@@ -73,7 +73,7 @@ def fill_batch(sample_groups: Callable[[int, int], list[list]], num_groups: int,
 
     sample_groups(r, count) returns `count` new groups for round r (r = 0, 1, ...), each a list of records
     with a `.reward`. With informative_rate=None every round asks for num_groups groups. Given the share of
-    groups the filter has passed so far, a round asks for as many as that rate says will fill what is
+    groups the filter has passed in earlier steps (fixed for the step), a round asks for as many as that rate says will fill what is
     missing, so one batched round usually does the work of several small ones; all rounds together ask for
     at most num_groups * max_rounds groups either way. When a round holds more informative groups than
     are missing, they are taken in turn from each `kind` (e.g. 1-hop and 2-hop questions), the kind kept
@@ -110,7 +110,8 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     pi is the distribution the rollout sampled from, softmax(logits / temperature). With prefix_len > 0
     the rows share their first prefix_len tokens (the prompt's instruction and examples): that prefix is
     encoded once and its KV cache broadcast to the batch; gradients still flow through it. Targets
-    inside the prefix get log-prob 0 (they are prompt tokens, never trained on).
+    up to token prefix_len (the last one is predicted from inside the prefix) get log-prob 0, so prefix_len
+    must stop short of every row's prompt (update.py's shared_prefix_length does): those are prompt tokens.
 
     With `mask` ([B, T-1], the tokens the loss will read) logits are computed only at the positions where
     some row has a masked target, and every other log-prob is 0. In an agent's trajectory most tokens are

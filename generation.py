@@ -166,9 +166,10 @@ def prefix_cache(model, prefix: list[int]):
     optimizer step makes a new one. Callers copy it before decoding into it (prefix_turn). Under torchrun
     the gathered weights are written by collectives, which no version counter sees: it is made every time."""
     alone = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    key = (tuple(prefix), weights_version(model), torch.is_autocast_enabled()) if alone else None
+    device = next(model.parameters()).device
+    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)  # CPU's too
+    key = (tuple(prefix), weights_version(model), device, autocast) if alone else None
     if key is None or _last_prefix.get("key") != key or _last_prefix["model"]() is not model:
-        device = next(model.parameters()).device
         with torch.no_grad():
             cache = model(input_ids=torch.tensor([prefix], device=device), use_cache=True,
                           **{cache_keyword(model): spare_room_cache(model)})[cache_keyword(model)]

@@ -12,9 +12,9 @@ All active episodes of a batch generate together until `</search>`, `</answer>`,
 per-turn token budget (generation.py does one such turn); the queries of that turn go to the index in one
 batched call; the observations are tokenised on their own and appended. The mask is built while
 concatenating token ids and the model's tokens are never re-tokenised, so the training forward pass scores
-exactly the ids that were sampled. After `max_turns` searches comes one last turn without search. An
-action that is neither a search nor an answer gets a short corrective observation; running out of the
-per-turn or total budget ends the episode as truncated.
+exactly the ids that were sampled. After `max_turns` turns comes one last turn without search. An
+action that is neither a search nor an answer gets a short corrective observation and uses up a turn;
+running out of the per-turn or total budget ends the episode as truncated.
 
 generate_episodes() is the sampler that training and evaluation call: one episode per example, in chunks,
 seeded per chunk, split across processes under torchrun. Left out: tool calls other than search.

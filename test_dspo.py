@@ -1544,7 +1544,12 @@ def test_the_prefix_cache_is_made_once_while_the_weights_stay_the_same(world):
     assert generation.prefix_cache(other, prefix) is not generation.prefix_cache(model, prefix)
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # any in-place write counts
-    assert generation.prefix_cache(model, prefix) is not stepped
+    latest = generation.prefix_cache(model, prefix)
+    assert latest is not stepped
+    with torch.autocast("cpu", torch.bfloat16):  # CPU autocast computes another cache (keys rounded to bf16)
+        under_amp = generation.prefix_cache(model, prefix)
+    assert under_amp is not latest and not torch.equal(keys(under_amp), keys(latest))
+    assert generation.prefix_cache(model, prefix) is not under_amp  # and back
 
 
 def test_rollouts_that_share_a_kept_prefix_cache_sample_what_fresh_ones_sample(world):
@@ -3061,6 +3066,18 @@ def test_resume_refuses_a_new_seed_or_model_and_applies_a_new_lr(tmp_path, capsy
     assert "old-logprobs         sampler        default" in said  # float32: pi_old from the sampler
     main(run + ["--steps", "4", "--resume", "--amp"])  # bf16 now: pi_old is scored again, not the saved "sampler"
     assert "old-logprobs         recompute      default" in capsys.readouterr().out
+
+
+def test_a_new_warmup_on_resume_sets_the_learning_rate_of_the_first_resumed_step(tmp_path, monkeypatch):
+    import train
+    seen, real = [], train.update
+    monkeypatch.setattr(train, "update", lambda model, optimizer, *rest: (
+        seen.append(optimizer.param_groups[0]["lr"]), real(model, optimizer, *rest))[1])
+    run = TINY_RUN + ["--no-filter", "--eval-every", "0", "--out", str(tmp_path), "--lr", "1e-3"]
+    main(run + ["--steps", "1", "--warmup", "9"])  # step 0 at 1e-3 * 1/10
+    main(run + ["--steps", "2", "--warmup", "0", "--resume"])  # no warm-up now: step 1 at the whole 1e-3
+    main(run + ["--steps", "3", "--warmup", "7", "--resume"])  # 4 optimizer steps done: 1e-3 * 5/8
+    assert seen == pytest.approx([1e-4, 1e-3, 6.25e-4])
 
 
 @pytest.mark.slow

@@ -165,7 +165,7 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
     p.add_argument("--grpo-clip", type=share, default=0.2, help="GRPO: per-token ratio clip")
     p.add_argument("--mini-batches", type=count, default=2, help="optimizer steps per batch of rollouts (the second "
                    "is off-policy, where the clip acts)")
-    p.add_argument("--micro-batch", type=count, help="trajectories per forward/backward; each pass also encodes the "
+    p.add_argument("--micro-batch", type=count, help="distinct trajectories per forward/backward; each pass also encodes the "
                    f"shared prompt prefix once, so larger is faster while memory lasts {preset}")
     p.add_argument("--micro-batch-tokens", type=_number(int, 0),
                    help=f"also cap a micro-batch's padded tokens (rows x longest); 0: no cap {preset}")
@@ -388,7 +388,8 @@ def main(argv=None):
     def sample_round(step: int, round_: int, count: int) -> list[list]:
         """Round `round_` of step `step`: `count` new questions, G scored trajectories each, as groups. With the
         batched refill each kind is asked in proportion to 1 / its informative share, else the next of one shuffle.
-        Group ids stay unique if a question comes back (and on resume)."""
+        Group ids stay unique if a question comes back, and on resume unless --batch-prompts or
+        --max-gen-rounds changed (rounds then number groups from another origin; names stay unique in a step)."""
         if args.refill == "batched" and not args.no_filter:
             weights = {kind: 1 / informative_share(kind) for kind in by_kind}
             questions = questions_by_kind(by_kind, weights, count, kinds, args.seed)

@@ -38,7 +38,7 @@ class UpdateSettings:
     clip_high: float          # DSPO: s_i is clipped above at 1 + clip_high
     grpo_clip: float          # GRPO: per-token ratio clip
     mini_batches: int         # optimizer steps per batch
-    micro_batch: int          # trajectories per forward/backward
+    micro_batch: int          # distinct trajectories per forward/backward (copies are scored once)
     micro_batch_tokens: int   # cap on a micro-batch's padded tokens (0: none)
     grad_clip: float          # max gradient norm
     temperature: float        # the sampling temperature: log-probs are taken at it
