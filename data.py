@@ -35,6 +35,8 @@ import http.client
 import json
 import os
 import random
+import re
+import urllib.error
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -55,6 +57,7 @@ WIKI18_REPO, WIKI18_FILE = "PeterJinGo/wiki-18-corpus", "wiki-18.jsonl.gz"  # Se
 SEARCH_R1_TRAIN = "nq,hotpotqa"
 SEARCH_R1_EVAL = "nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle"
 PROGRESS_STEP = 1 << 20  # bytes read between progress-bar updates: a per-line update would cost seconds
+_HALF_PAIR = re.compile("[\ud800-\udfff]")  # what a JSON escape of half a surrogate pair decodes to
 
 
 @dataclass
@@ -128,6 +131,9 @@ def _jsonl_objects(path, progress: str | None = None):
                 raise _line_error(path, line_no, f"not valid JSON ({error.msg})", unread) from None
             if not isinstance(record, dict):
                 raise _line_error(path, line_no, f"expected a JSON object, got {type(record).__name__}", unread)
+            if "\\u" in line:  # a lone half of a surrogate pair ("\\ud83d") no tokenizer takes: U+FFFD instead
+                record = {key: _HALF_PAIR.sub("\ufffd", value) if isinstance(value, str) else value
+                          for key, value in record.items()}
             yield line_no, record
         bar.update(file.tell() - reported)
 
@@ -190,18 +196,39 @@ def download(url: str, cache, name: str | None = None) -> Path:
     """`cache`/`name` (default: the URL's file name), fetched from `url` the first time with a progress bar of
     bytes. The bytes go to `name`.part, renamed into place only once as many arrived as the server announced,
     so a partial file is never mistaken for the real one. An interrupted download keeps its .part and the
-    next call resumes it with an HTTP Range request (from the start if the server ignores the range)."""
+    next call resumes it with an HTTP Range request, If-Range the version (ETag or Last-Modified) its bytes
+    came from: the server sends the rest, or the whole file if it changed or ignores ranges, and a .part the
+    server cannot continue (416: as long as the file or longer) starts over."""
     path = Path(cache) / (name or url.rsplit("/", 1)[-1])
     if path.exists():
         return path
-    partial = path.with_name(path.name + ".part")
+    partial, version = path.with_name(path.name + ".part"), path.with_name(path.name + ".part.version")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         have = partial.stat().st_size if partial.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        with urllib.request.urlopen(request, timeout=60) as response:
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        if have and version.exists():
+            headers["If-Range"] = version.read_text()
+        try:
+            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60)
+        except urllib.error.HTTPError as error:
+            if error.code != 416 or not have:
+                raise
+            partial.unlink()  # nothing left to send after .part's bytes: they are not this file's start
+            return download(url, cache, name)
+        with response:
             resumed = have > 0 and getattr(response, "status", 200) == 206  # 206: the rest of the file
+            if resumed and not response.headers.get("Content-Range", f"bytes {have}-").startswith(f"bytes {have}-"):
+                partial.unlink()  # the server continues from another byte: start over
+                return download(url, cache, name)
             have = have if resumed else 0
+            if not resumed:  # a new .part: remember which version of the file its bytes are
+                etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
+                stamp = etag if etag and not etag.startswith("W/") else modified  # If-Range takes strong ETags only
+                if stamp:
+                    version.write_text(stamp)
+                else:
+                    version.unlink(missing_ok=True)
             length = response.headers.get("Content-Length")
             size = have + int(length) if length else None
             with open(partial, "ab" if resumed else "wb") as out, \
@@ -212,6 +239,7 @@ def download(url: str, cache, name: str | None = None) -> Path:
                 if size is not None and out.tell() != size:
                     raise http.client.IncompleteRead(b"", size - out.tell())
         os.replace(partial, path)
+        version.unlink(missing_ok=True)
     except (OSError, http.client.HTTPException) as error:  # URLError, timeouts and resets are OSErrors
         reason = " ".join(str(getattr(error, "reason", None) or error).split()) or type(error).__name__
         resume = "run again to resume, or " if partial.exists() and partial.stat().st_size else ""

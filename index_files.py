@@ -27,7 +27,9 @@ import numpy as np
 
 from search import ARRAYS, BUILD_CHUNK, STOPWORDS, WORD, BM25Index, Passages, _build, _write_texts
 
-FORMAT = 1  # on-disk layout version; part of the cache key, so bump it whenever the layout changes
+# On-disk version, part of the cache key: bump it whenever the layout or what a corpus reads as changes
+# (2: idf by math.log, as rank-bm25; half surrogate pairs read as U+FFFD).
+FORMAT = 2
 
 
 def load_index(folder) -> BM25Index:

@@ -128,11 +128,13 @@ def baseline_messages(question: str, method: str, template: str, information: st
     return messages
 
 
-def baseline_prompts(tokenizer, index: BM25Index, examples, method: str, template: str, topk: int) -> list[list[int]]:
-    """Prompt token ids per example; rag searches the index once for all the questions."""
+def baseline_prompts(tokenizer, index: BM25Index, examples, method: str, template: str, topk: int,
+                     shuffle=None) -> list[list[int]]:
+    """Prompt token ids per example; rag searches the index once for all the questions (passages shown as
+    format_hits shows them to the agent, their lines in an order `shuffle` draws if given)."""
     informations = [""] * len(examples)
     if method == "rag":
         hits = index.search([example.question for example in examples], topk)
-        informations = [format_hits(h, index.texts) for h in hits]
+        informations = [format_hits(h, index.texts, shuffle) for h in hits]
     return [encode_messages(tokenizer, baseline_messages(example.question, method, template, information, topk))
             for example, information in zip(examples, informations)]

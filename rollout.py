@@ -214,10 +214,6 @@ def generate_episodes(model, tokenizer, index, examples, group_ids, settings: Ro
     with tqdm(total=len(mine), desc=desc, leave=False, dynamic_ncols=True, disable=rank != 0) as bar:
         for start in range(mine.start, mine.stop, settings.rollout_batch):
             chunk = examples[start:min(start + settings.rollout_batch, mine.stop)]
-            if method == "agent":
-                prompts = [encode_prompt(tokenizer, x.question, settings.template, settings.topk) for x in chunk]
-            else:
-                prompts = baseline_prompts(tokenizer, index, chunk, method, settings.template, settings.topk)
             # A chunk that starts inside its group (a rollout batch smaller than the group, or a rank's share
             # cut mid-group) adds its offset there, so it does not draw the tries of the chunk before it.
             offset = 0
@@ -225,13 +221,18 @@ def generate_episodes(model, tokenizer, index, examples, group_ids, settings: Ro
                 offset += 1
             chunk_seed = zlib.crc32(f"{settings.seed}/{group_ids[start]}{f'/{offset}' if offset else ''}".encode())
             torch.manual_seed(chunk_seed)
+            shuffle = random.Random(chunk_seed) if settings.fact_order == "shuffled" else None
+            if method == "agent":
+                prompts = [encode_prompt(tokenizer, x.question, settings.template, settings.topk) for x in chunk]
+            else:
+                prompts = baseline_prompts(tokenizer, index, chunk, method, settings.template, settings.topk, shuffle)
             episodes += rollout(
                 model, tokenizer, index, prompts, group_ids[start:start + len(chunk)],
                 max_turns=settings.max_turns if method == "agent" else 0, topk=settings.topk,
                 max_turn_tokens=settings.max_turn_tokens, max_response_tokens=settings.max_response_tokens,
                 greedy=greedy, temperature=settings.temperature,
                 max_context=getattr(model.config, "max_position_embeddings", None),
-                shuffle=random.Random(chunk_seed) if settings.fact_order == "shuffled" else None)
+                shuffle=shuffle)
             bar.update(len(chunk))
     if size > 1:
         parts = [None] * size

@@ -104,6 +104,15 @@ def test_qa_loader_reads_flashrag_lines_with_and_without_id(tmp_path):
     assert load_qa_jsonl(path, source="custom")[1].id == "custom-3"
 
 
+def test_half_a_surrogate_pair_in_a_question_or_passage_becomes_the_replacement_character(tmp_path):
+    questions = write_lines(tmp_path / "nq_test.jsonl", [r'{"question": "what is foo \udc00?", "golden_answers": ["a"]}'])
+    corpus = write_lines(tmp_path / "corpus.jsonl", [r'{"title": "Foo", "text": "bar \ud83d baz \ud83d\ude00 \u00e9"}'])
+    assert load_qa_jsonl(questions)[0].question == "what is foo \ufffd?"
+    assert load_corpus_jsonl(corpus) == ["Foo\nbar \ufffd baz \U0001F600 \u00e9"]  # a whole pair stays one character
+    _, tokenizer = tiny_model()
+    tokenizer(load_corpus_jsonl(corpus)[0])  # a tokenizer takes it (half a pair it refuses)
+
+
 @pytest.mark.parametrize("bad_line, line_no", [
     ('{"question": "q", "golden_answers": ["a"]', 3),          # truncated JSON
     ('["q", "a"]', 3),                                          # not an object
@@ -343,6 +352,54 @@ def test_an_interrupted_download_never_leaves_the_file_and_a_retry_completes_it(
     assert [p.name for p in tmp_path.iterdir()] == ["hotpot_dev_distractor_v1.json.part"]  # kept to resume
     serve(monkeypatch, lambda url: FakeResponse(body))
     assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == body
+
+
+def test_a_resumed_download_asks_for_the_rest_of_the_same_version_and_starts_over_otherwise(tmp_path, monkeypatch):
+    old, new = b"version one " * 40, b"version two, longer " * 40
+    target = tmp_path / "hotpot_dev_distractor_v1.json"
+
+    def tagged(body, tag, **kwargs):
+        response = FakeResponse(body, **kwargs)
+        response.headers["ETag"] = tag
+        return response
+
+    serve(monkeypatch, lambda request: tagged(old, '"v1"', break_after=100))
+    with pytest.raises(DataError):
+        download(HOTPOTQA_URLS["dev"], tmp_path)
+    asked = []
+
+    def changed(request):  # the file changed since: If-Range does not match, so the whole new file comes (200)
+        asked.append((request.get_header("Range"), request.get_header("If-range")))
+        return tagged(new, '"v2"')
+    serve(monkeypatch, changed)
+    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == new and asked == [("bytes=100-", '"v1"')]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]  # no .part, no version file left
+
+    target.unlink()
+    (tmp_path / f"{target.name}.part").write_bytes(new)  # whole, but killed before its rename: the server says 416
+    asked.clear()
+
+    def whole_or_416(request):
+        asked.append(request.get_header("Range"))
+        if request.get_header("Range"):
+            raise urllib.error.HTTPError(request.full_url, 416, "Range Not Satisfiable", {}, None)
+        return FakeResponse(new)
+    serve(monkeypatch, whole_or_416)
+    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == new and asked == [f"bytes={len(new)}-", None]
+
+    target.unlink()
+    (tmp_path / f"{target.name}.part").write_bytes(new[:50])
+    asked.clear()
+
+    def elsewhere(request):  # a 206 from another byte than asked: its bytes do not follow .part's
+        asked.append(request.get_header("Range"))
+        if request.get_header("Range"):
+            response = FakeResponse(new[10:], status=206)
+            response.headers["Content-Range"] = f"bytes 10-{len(new) - 1}/{len(new)}"
+            return response
+        return FakeResponse(new)
+    serve(monkeypatch, elsewhere)
+    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == new and asked == ["bytes=50-", None]
 
 
 def test_a_server_that_ignores_the_range_restarts_the_download_from_the_first_byte(tmp_path, monkeypatch):
@@ -819,6 +876,13 @@ def test_scores_match_rank_bm25_on_hand_corpus_with_epsilon_floor():
     np.testing.assert_allclose(index.scores("tower tower"), 2 * index.scores("tower"), rtol=1e-12)
     np.testing.assert_array_equal(index.scores("zanzibar"), np.zeros(5))
     assert index.scores("capital")[1] > 0
+
+
+def test_idf_is_rank_bm25s_bit_for_bit_where_a_vectorised_log_would_differ_by_an_ulp():
+    texts = [f"w{i} common" for i in range(54_732)]  # idf of a once-seen term: log(54,731.5) - log(1.5)
+    index, baseline = BM25Index(texts), reference_bm25(texts)
+    assert float(index.idf[index.vocab.get("w0")]) == baseline.idf["w0"]
+    np.testing.assert_array_equal(index.scores("w0 common"), baseline.get_scores(["w0", "common"]))
 
 
 @pytest.mark.parametrize("seed,n_texts", [(0, 1), (1, 7), (2, 60), (3, 300)])
@@ -1342,6 +1406,24 @@ def test_the_sampler_seeds_the_fact_order_as_it_seeds_sampling(world, monkeypatc
         assert draws == [None, None, None]
     else:  # the same group ids draw the same order (evaluation repeats, resume), others another
         assert draws[0] == draws[1] != draws[2]
+
+
+def test_the_rag_baseline_reads_passages_in_the_fact_order_the_agent_reads(world, monkeypatch):
+    import rollout as rollout_module
+    prompts_seen = []
+
+    def recording_rollout(model, tokenizer, index, prompts, group_ids, **_):
+        prompts_seen.append([tokenizer.decode(p) for p in prompts])
+        return [Episode(g, list(p)) for p, g in zip(prompts, group_ids)]
+    monkeypatch.setattr(rollout_module, "rollout", recording_rollout)
+    model, tokenizer = tiny_model()
+    examples, ids = world.test[:16], [f"q{i}" for i in range(16)]
+    for fact_order in ("fixed", "shuffled", "shuffled"):
+        settings = dataclasses.replace(EVAL_SETTINGS, fact_order=fact_order, rollout_batch=16, topk=3)
+        generate_episodes(model, tokenizer, BM25Index(world.passages), examples, ids, settings, method="rag")
+    fixed, shuffled, again = prompts_seen
+    assert shuffled == again and shuffled != fixed  # seeded as the agent's retrievals are
+    assert [sorted(p) for p in shuffled] == [sorted(p) for p in fixed]  # the same passages, lines reordered
 
 
 def test_chunks_that_start_inside_one_group_sample_with_different_seeds(world, monkeypatch):
