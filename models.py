@@ -170,6 +170,8 @@ def _from_hub(load, name: str, source: str):
     if Path(source).exists():
         sys.exit(f"error: --model {name}: {source} is not a model folder transformers can load (no config.json "
                  "or weights)")
+    if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path: a hub id is "org/name"
+        sys.exit(f"error: --model {name}: no such folder")
     sys.exit(f"error: --model {name}: {source} is neither a local folder nor in the Hugging Face cache, and the "
              f"hub cannot be reached; download it where there is network (hf download {source}) or pass the "
              "path of a local copy")

@@ -2842,6 +2842,21 @@ def test_a_model_id_the_hub_refuses_stops_in_one_line_with_its_reason(monkeypatc
     assert "cannot be reached" not in str(stop.value)
 
 
+def test_a_model_path_that_does_not_exist_says_no_such_folder_not_hf_download(tmp_path, monkeypatch):
+    import models
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+
+    def load(local):
+        raise OSError("not found")
+    missing = "runs/dspo/checkpoint-000010"
+    with pytest.raises(SystemExit) as stop:
+        models._from_hub(load, missing, missing)
+    assert_one_line_error(stop, f"error: --model {missing}: no such folder")
+    with pytest.raises(SystemExit) as stop:  # org/name is a hub id
+        models._from_hub(load, "Qwen2.5-7B", "Qwen/Qwen2.5-7B")
+    assert "(hf download Qwen/Qwen2.5-7B)" in str(stop.value)
+
+
 def test_two_processes_converting_the_default_model_at_once_both_get_the_checkpoint(tmp_path, monkeypatch):
     import models
     monkeypatch.setattr(models, "CACHE", tmp_path)
@@ -3529,7 +3544,7 @@ def test_without_matplotlib_a_figure_stops_with_one_line(tmp_path, monkeypatch):
     _run(tmp_path, em=[0.0, 0.0], rewards=[0.0])
     with pytest.raises(SystemExit) as stop:
         plot_run(tmp_path)
-    assert str(stop.value) == "plot.py needs matplotlib: pip install matplotlib"
+    assert str(stop.value) == "tools.plot needs matplotlib: pip install matplotlib"
     assert "| 1 |" in table({"x": [tmp_path]})  # the table needs no matplotlib
 
 

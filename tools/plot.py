@@ -111,7 +111,7 @@ def _figure(rows: int, cols: int, size: tuple[float, float]):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        sys.exit("plot.py needs matplotlib: pip install matplotlib")
+        sys.exit("tools.plot needs matplotlib: pip install matplotlib")
     # Figure + Agg canvas, never pyplot: no display needed and no global backend switched under a caller.
     figure = Figure(figsize=size, dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
