@@ -105,7 +105,8 @@ def test_qa_loader_reads_flashrag_lines_with_and_without_id(tmp_path):
 
 
 def test_half_a_surrogate_pair_in_a_question_or_passage_becomes_the_replacement_character(tmp_path):
-    questions = write_lines(tmp_path / "nq_test.jsonl", [r'{"question": "what is foo \udc00?", "golden_answers": ["a"]}'])
+    questions = write_lines(tmp_path / "nq_test.jsonl",
+                            [r'{"question": "what is foo \udc00?", "golden_answers": ["a"]}'])
     corpus = write_lines(tmp_path / "corpus.jsonl", [r'{"title": "Foo", "text": "bar \ud83d baz \ud83d\ude00 \u00e9"}'])
     assert load_qa_jsonl(questions)[0].question == "what is foo \ufffd?"
     assert load_corpus_jsonl(corpus) == ["Foo\nbar \ufffd baz \U0001F600 \u00e9"]  # a whole pair stays one character

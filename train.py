@@ -165,8 +165,8 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
     p.add_argument("--grpo-clip", type=share, default=0.2, help="GRPO: per-token ratio clip")
     p.add_argument("--mini-batches", type=count, default=2, help="optimizer steps per batch of rollouts (the second "
                    "is off-policy, where the clip acts)")
-    p.add_argument("--micro-batch", type=count, help="distinct trajectories per forward/backward; each pass also encodes the "
-                   f"shared prompt prefix once, so larger is faster while memory lasts {preset}")
+    p.add_argument("--micro-batch", type=count, help="distinct trajectories per forward/backward; each pass also "
+                   f"encodes the shared prompt prefix once, so larger is faster while memory lasts {preset}")
     p.add_argument("--micro-batch-tokens", type=_number(int, 0),
                    help=f"also cap a micro-batch's padded tokens (rows x longest); 0: no cap {preset}")
     p.add_argument("--old-logprobs", choices=["sampler", "recompute"],
@@ -361,8 +361,9 @@ def main(argv=None):
         # The run that saved this checkpoint evaluated it as it ended: that line stands for this step's evaluation
         # unless a setting that changes an evaluation changed. Every rank must agree (evaluating is collective).
         evaluated = all_reduce(int(evaluation_line is not None and not set(changed) - SAME_EVALUATION), "max") > 0
-        say(f"resumed from {checkpoint} at step {start}" + (
-            f" (its evaluation is logged already: val/em {evaluation_line['val/em']:.3f})" if evaluated and evaluation_line else ""))
+        logged = f" (its evaluation is logged already: val/em {evaluation_line['val/em']:.3f})" \
+            if evaluated and evaluation_line else ""
+        say(f"resumed from {checkpoint} at step {start}{logged}")
 
     def evaluation() -> dict:
         began = time.perf_counter()
