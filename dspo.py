@@ -74,8 +74,8 @@ def fill_batch(sample_groups: Callable[[int, int], list[list]], num_groups: int,
     sample_groups(r, count) returns `count` new groups for round r (r = 0, 1, ...), each a list of records
     with a `.reward`. With informative_rate=None every round asks for num_groups groups. Given the share of
     groups the filter has passed in earlier steps (fixed for the step), a round asks for as many as that
-    rate says will fill what is missing, so one batched round usually does the work of several small ones; all rounds together ask for
-    at most num_groups * max_rounds groups either way. When a round holds more informative groups than
+    rate says will fill what is missing, so one batched round usually does the work of several small ones;
+    all rounds together ask for at most num_groups * max_rounds groups either way. When a round holds more informative groups than
     are missing, they are taken in turn from each `kind` (e.g. 1-hop and 2-hop questions), the kind kept
     least so far first, and at most `per_kind` of one kind are kept, so a kind the policy finds easy cannot
     crowd out one it finds hard (a step may then train on fewer than num_groups).
