@@ -204,7 +204,6 @@ def download(url: str, cache, name: str | None = None) -> Path:
         return path
     partial, version = path.with_name(path.name + ".part"), path.with_name(path.name + ".part.version")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         have = partial.stat().st_size if partial.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
         if have and version.exists():
@@ -217,6 +216,7 @@ def download(url: str, cache, name: str | None = None) -> Path:
             partial.unlink()  # nothing left to send after .part's bytes: they are not this file's start
             return download(url, cache, name)
         with response:
+            path.parent.mkdir(parents=True, exist_ok=True)  # only once the server answers: no empty folders
             resumed = have > 0 and getattr(response, "status", 200) == 206  # 206: the rest of the file
             if resumed and not response.headers.get("Content-Range", f"bytes {have}-").startswith(f"bytes {have}-"):
                 partial.unlink()  # the server continues from another byte: start over

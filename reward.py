@@ -6,7 +6,8 @@ last <answer> ... </answer> span; the span is normalised and compared with every
     r = 1  if normalize(answer) == normalize(g) for some gold g,   else 0
 
 normalize() is the SQuAD / FlashRAG convention: lowercase, drop punctuation, drop the articles
-a/an/the, collapse white space. Token F1 (the same normalisation, bag-of-words precision/recall) is
+a/an/the, collapse white space (a gold answer with nothing left, "The" say, is compared lowercased
+instead, so an empty answer cannot match it). Token F1 (the same normalisation, bag-of-words precision/recall) is
 kept for evaluation only; training uses the binary reward, as the paper does.
 
 Left out on purpose: format rewards, partial credit, length penalties. A response with no answer
@@ -37,10 +38,17 @@ def extract_answer(response: str) -> str | None:
 
 
 def exact_match(prediction: str | None, answers: list[str]) -> float:
+    """1.0 if the normalised prediction equals a normalised gold answer. A gold answer that normalises to
+    nothing (an answer that is only "The", say) is compared lowercased and space-collapsed instead, so an
+    empty <answer></answer> never earns reward."""
     if prediction is None:
         return 0.0
-    predicted = normalize_answer(prediction)
-    return float(any(predicted == normalize_answer(gold) for gold in answers))
+
+    def same(gold: str) -> bool:
+        if normalize_answer(gold):
+            return normalize_answer(prediction) == normalize_answer(gold)
+        return " ".join(prediction.lower().split()) == " ".join(gold.lower().split())
+    return float(any(same(gold) for gold in answers))
 
 
 def token_f1(prediction: str | None, answers: list[str]) -> float:

@@ -54,6 +54,7 @@ from settings import check_fit, check_paths, settings_table, state_bytes
 from tools import plot, probe
 from tools.plot import (MetricsError, band, load_metrics, plot_run, plot_runs, run_figure, series, summary,
                         table, x_values)
+import train
 from train import main, parse_args
 from update import UpdateSettings
 from world import synthetic_world
@@ -73,7 +74,6 @@ def write_lines(path, lines):
 @pytest.fixture(autouse=True)
 def index_cache(tmp_path, monkeypatch):
     """train.py's index cache ($DSPO_CACHE/index) in the test's own folder, never in the user's cache."""
-    import train
     monkeypatch.setattr(train, "DEFAULT_CACHE", tmp_path / "dspo-cache")
     return tmp_path / "dspo-cache" / "index"
 
@@ -338,6 +338,23 @@ def test_unreachable_network_says_which_url_and_where_to_put_the_file(tmp_path, 
     assert str(excinfo.value) == (f"cannot download {HOTPOTQA_URLS['train']} ([Errno -2] Name or service not "
                                   f"known); download it by hand to {tmp_path / 'hotpot_train_v1.1.json'}")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_search_r1_without_network_stops_on_its_first_file_before_the_model_loads_and_leaves_no_folder(
+        tmp_path, monkeypatch, capsys):
+    def unreachable(url):
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the data")
+
+    opened = serve(monkeypatch, unreachable)
+    monkeypatch.setattr(train, "DEFAULT_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(train, "load_model", load_model)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", "tiny", "--data", "search-r1", "--out", str(tmp_path / "run")])
+    assert str(exit_.value).startswith(f"error: cannot download {opened[0]} ([Errno -2] Name or service not known)")
+    assert len(opened) == 1 and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("response", [
@@ -1117,7 +1134,6 @@ def test_vocabulary_finds_every_term_and_nothing_else():
 
 
 def test_an_index_cache_that_cannot_be_written_stops_in_one_line_naming_the_flag(tmp_path, index_cache):
-    import train
     corpus = write_lines(tmp_path / "c.jsonl", [json.dumps({"id": "1", "contents": '"Paris"\nParis is in France.'})])
     index_cache.parent.write_text("a file where the cache folder should be")  # as a read-only or full disk fails
     with pytest.raises(SystemExit) as stop:
@@ -1815,6 +1831,12 @@ def test_exact_match_against_several_gold_answers():
     assert score_response("<search> q </search><answer> Venmark. </answer>", ["venmark"]) == 1.0
 
 
+def test_an_empty_answer_never_matches_a_gold_answer_made_only_of_articles_or_punctuation():
+    assert exact_match("", ["The"]) == 0.0 and score_response("<answer> </answer>", ["a", "?"]) == 0.0
+    assert exact_match("the", ["The"]) == 1.0 and exact_match(" A ", ["a"]) == 1.0
+    assert exact_match("", ["The", "Beatles"]) == 0.0 and exact_match("The Beatles", ["The", "Beatles"]) == 1.0
+
+
 def test_token_f1_partial_overlap():
     assert token_f1("new york city", ["New York"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
     assert token_f1("boston", ["New York"]) == 0.0
@@ -2103,7 +2125,6 @@ def test_logprobs_equal_with_and_without_gradient_and_across_slices(monkeypatch)
 
 def _learning(args) -> UpdateSettings:
     """The update settings of parsed train.py flags."""
-    import train
     return train.settings_for(UpdateSettings, args)
 
 
@@ -2120,7 +2141,6 @@ def test_update_equals_scoring_pi_old_for_every_trajectory_before_the_first_step
     when every trajectory is scored first and each mini-batch then takes its clipped step."""
     import copy
     from rollout import Episode
-    import train
     torch.manual_seed(0)
     model, tokenizer = tiny_model()
     reference = copy.deepcopy(model)
@@ -2156,7 +2176,6 @@ def test_pi_old_from_the_sampler_skips_the_scoring_pass_and_takes_the_same_steps
     the on-policy mini-batch logs how far those log-probs are from its forward (sampler_logp_gap)."""
     import copy
     from rollout import Episode
-    import train
     torch.manual_seed(0)
     model, tokenizer = tiny_model()
     episodes = [Episode(group_id="g", prompt_ids=[1, 2, 3], response_ids=[4 + i, 5, 6 + 2 * i, 7],
@@ -2220,7 +2239,6 @@ def test_identical_trajectories_are_scored_once_and_the_step_is_unchanged(loss):
     as when every copy is scored."""
     import copy
     from rollout import Episode
-    import train
     torch.manual_seed(0)
     model, tokenizer = tiny_model()
     reference = copy.deepcopy(model)
@@ -2255,7 +2273,6 @@ def test_identical_trajectories_are_scored_once_and_the_step_is_unchanged(loss):
 
 def test_a_non_finite_gradient_skips_the_optimizer_step():
     from rollout import Episode
-    import train
     torch.manual_seed(0)
     model, tokenizer = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -2281,7 +2298,6 @@ def test_a_non_finite_gradient_skips_the_optimizer_step():
 def test_an_episode_without_model_tokens_gets_no_forward_and_leaves_the_update_unchanged():
     import copy
     from rollout import Episode
-    import train
     torch.manual_seed(0)
     model, tokenizer = tiny_model()
     twin = copy.deepcopy(model)
@@ -2309,7 +2325,6 @@ def test_an_episode_without_model_tokens_gets_no_forward_and_leaves_the_update_u
 
 def test_a_batch_of_episodes_without_model_tokens_takes_no_optimizer_step():
     from rollout import Episode
-    import train
     model, tokenizer = tiny_model()
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
@@ -2689,7 +2704,6 @@ def test_the_gpu_presets_fit_a_7b_on_80_gb_cards(processes, available):
 
 @pytest.mark.slow
 def test_the_7b_command_prints_its_preset_and_stops_before_loading_weights_when_it_cannot_fit(monkeypatch, capsys):
-    import train
     monkeypatch.setattr(train, "device_bytes", lambda device, processes: 24 * GIB)
     monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("weights were loaded"))
     with pytest.raises(SystemExit) as stop:
@@ -2762,7 +2776,6 @@ def test_an_out_that_cannot_be_written_stops_in_one_line(tmp_path):
 ])
 def test_a_missing_input_or_an_out_under_a_file_stops_in_one_line_before_the_model_is_read(tmp_path, monkeypatch,
                                                                                             flags, message):
-    import train
     monkeypatch.setattr(train, "parameter_count", lambda *_: pytest.fail("the model was read before the check"))
     (tmp_path / "qa.jsonl").write_text('{"question": "q", "golden_answers": ["a"]}\n')
     (tmp_path / "corpus.jsonl").write_text('{"title": "T", "text": "x"}\n')
@@ -2937,7 +2950,6 @@ def test_an_all_filtered_batch_is_skipped_and_logged_without_nan(tmp_path, refil
 
 
 def test_a_run_with_shuffled_facts_trains_on_the_split_world_and_refuses_other_data(tmp_path, monkeypatch, capsys):
-    import train
     worlds = []
     monkeypatch.setattr(train, "synthetic_world", lambda **kw: worlds.append(kw) or synthetic_world(**kw))
     main(TINY_RUN + ["--steps", "1", "--eval-every", "1", "--no-filter", "--fact-order", "shuffled",
@@ -3167,7 +3179,6 @@ def test_resume_refuses_a_new_seed_or_model_and_applies_a_new_lr(tmp_path, capsy
 
 
 def test_a_new_warmup_on_resume_sets_the_learning_rate_of_the_first_resumed_step(tmp_path, monkeypatch):
-    import train
     seen, real = [], train.update
     monkeypatch.setattr(train, "update", lambda model, optimizer, *rest: (
         seen.append(optimizer.param_groups[0]["lr"]), real(model, optimizer, *rest))[1])
@@ -3642,7 +3653,6 @@ def test_sampler_gap_is_rounding_in_float32_and_larger_in_bf16():
 
 def _sampling(args) -> RolloutSettings:
     """The rollout settings of parsed train.py flags."""
-    import train
     return train.settings_for(RolloutSettings, args)
 
 

@@ -316,18 +316,19 @@ def main(argv=None):
         if aside:
             say(f"--out {out}: an earlier run's metrics and checkpoints moved to {aside} (--resume continues a run)")
 
-    # Model, data and index
-    model, tokenizer = load_model(str(checkpoint or args.model), args.dtype, args.device, args.trust_remote_code)
-    if args.grad_checkpointing:
-        checkpoint_activations(model)
-    if size > 1:
-        shard(model, args.amp)
+    # Data, model and index. The questions come first: a download that fails stops the run before the
+    # weights load (minutes at 7B).
     train_set, test_set, corpus = load_data(args)
     if not args.eval_only and args.batch_prompts > len(train_set):  # each step would ask questions twice over
         fix = f"pass --batch-prompts {len(train_set)} or fewer" if train_set else \
             f"it needs questions beyond the {len(test_set)} held out for evaluation"
         sys.exit(f"error: --batch-prompts {args.batch_prompts} is more than the {len(train_set):,} training questions "
                  f"of --data {args.data}; {fix}")
+    model, tokenizer = load_model(str(checkpoint or args.model), args.dtype, args.device, args.trust_remote_code)
+    if args.grad_checkpointing:
+        checkpoint_activations(model)
+    if size > 1:
+        shard(model, args.amp)
     index = open_index(corpus, args.corpus or f"--data {args.data}")
     eval_set = take_in_turn(test_set, args.eval_size) if 0 < args.eval_size < len(test_set) else test_set
     data = "the synthetic world of world.py (--data search-r1 for NQ + HotpotQA over wiki-18)" \
