@@ -5,6 +5,9 @@ Agent prompts. Zero-shot (a Search-R1-style instruction) suits instruction-tuned
 ignores a bare instruction but copies two worked episodes from its chat history (few-shot): a 1-hop and a
 2-hop question about made-up entities, with real BM25 results over five example passages. They are
 in-context only, never trained on, and their names are kept out of the synthetic world (EXAMPLE_NAMES).
+The 1-hop example is worded like the world's 1-hop questions ("In which city was X born?"), so the two
+examples differ as the world's kinds do: a city takes one search, a country two. Worded otherwise, the
+policy could read both kinds as one and learn to search once (results/README.md has the runs).
 
 Baselines (evaluate.py): direct answers the question alone, with no search; rag shows the question's own
 top-k passages inside <information>, exactly as format_hits renders them for the agent. Few-shot, both show
