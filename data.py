@@ -29,6 +29,8 @@ disk and reads a passage's text only when a search returns it. Left out: checksu
 of question files (hotpot_train_v1.1.json, over 500 MB, is parsed whole), and answer normalisation
 (reward.py's job).
 """
+import contextlib
+import fcntl
 import gzip
 import itertools
 import http.client
@@ -36,6 +38,7 @@ import json
 import os
 import random
 import re
+import sys
 import urllib.error
 import urllib.request
 import zlib
@@ -58,6 +61,12 @@ SEARCH_R1_TRAIN = "nq,hotpotqa"
 SEARCH_R1_EVAL = "nq,triviaqa,popqa,hotpotqa,2wikimultihopqa,musique,bamboogle"
 PROGRESS_STEP = 1 << 20  # bytes read between progress-bar updates: a per-line update would cost seconds
 _HALF_PAIR = re.compile("[\ud800-\udfff]")  # what a JSON escape of half a surrogate pair decodes to
+
+
+def _whole_characters(text: str) -> str:
+    """`text` with each lone half of a surrogate pair (a JSON "\\ud83d" cut from its other half), which no
+    tokenizer takes, replaced by U+FFFD."""
+    return _HALF_PAIR.sub("\ufffd", text)
 
 
 @dataclass
@@ -131,8 +140,8 @@ def _jsonl_objects(path, progress: str | None = None):
                 raise _line_error(path, line_no, f"not valid JSON ({error.msg})", unread) from None
             if not isinstance(record, dict):
                 raise _line_error(path, line_no, f"expected a JSON object, got {type(record).__name__}", unread)
-            if "\\u" in line:  # a lone half of a surrogate pair ("\\ud83d") no tokenizer takes: U+FFFD instead
-                record = {key: _HALF_PAIR.sub("\ufffd", value) if isinstance(value, str) else value
+            if "\\u" in line:
+                record = {key: _whole_characters(value) if isinstance(value, str) else value
                           for key, value in record.items()}
             yield line_no, record
         bar.update(file.tell() - reported)
@@ -198,10 +207,40 @@ def download(url: str, cache, name: str | None = None) -> Path:
     so a partial file is never mistaken for the real one. An interrupted download keeps its .part and the
     next call resumes it with an HTTP Range request, If-Range the version (ETag or Last-Modified) its bytes
     came from: the server sends the rest, or the whole file if it changed or ignores ranges, and a .part the
-    server cannot continue (416: as long as the file or longer) starts over."""
+    server cannot continue (416: as long as the file or longer) is kept if the server says it is the file's
+    length, else starts over. Processes that want one file at once (torchrun ranks) take turns on a lock
+    file beside it: the first downloads, the others find the file. A failed download leaves the lock file
+    (an empty .<name>.lock) for the next try."""
     path = Path(cache) / (name or url.rsplit("/", 1)[-1])
     if path.exists():
         return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create {path.parent} for {url} ({error.strerror})") from None
+    lock = path.with_name(f".{path.name}.lock")
+    with one_at_a_time(lock, f"{path}: waiting for another process's download"):
+        if not path.exists():  # it may have arrived while this process waited
+            _fetch(url, path)
+        lock.unlink(missing_ok=True)  # the file is in place, so a process that locks anew finds it
+    return path
+
+
+@contextlib.contextmanager
+def one_at_a_time(lock_path, waiting: str):
+    """The processes of a host that enter this block with one lock file run it one after another (an
+    exclusive flock, released when the block ends or the process dies); one that must wait prints `waiting`."""
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _fetch(url: str, path: Path) -> None:
+    """download()'s work: `url` into `path` through `path`.part, resumed where one is left."""
     partial, version = path.with_name(path.name + ".part"), path.with_name(path.name + ".part.version")
     try:
         have = partial.stat().st_size if partial.exists() else 0
@@ -213,14 +252,17 @@ def download(url: str, cache, name: str | None = None) -> Path:
         except urllib.error.HTTPError as error:
             if error.code != 416 or not have:
                 raise
+            if (error.headers or {}).get("Content-Range") == f"bytes */{have}":  # .part is the whole file: the
+                os.replace(partial, path)  # run was stopped between its last byte and the rename
+                version.unlink(missing_ok=True)
+                return
             partial.unlink()  # nothing left to send after .part's bytes: they are not this file's start
-            return download(url, cache, name)
+            return _fetch(url, path)
         with response:
-            path.parent.mkdir(parents=True, exist_ok=True)  # only once the server answers: no empty folders
             resumed = have > 0 and getattr(response, "status", 200) == 206  # 206: the rest of the file
             if resumed and not response.headers.get("Content-Range", f"bytes {have}-").startswith(f"bytes {have}-"):
                 partial.unlink()  # the server continues from another byte: start over
-                return download(url, cache, name)
+                return _fetch(url, path)
             have = have if resumed else 0
             if not resumed:  # a new .part: remember which version of the file its bytes are
                 etag, modified = response.headers.get("ETag"), response.headers.get("Last-Modified")
@@ -244,7 +286,6 @@ def download(url: str, cache, name: str | None = None) -> Path:
         reason = " ".join(str(getattr(error, "reason", None) or error).split()) or type(error).__name__
         resume = "run again to resume, or " if partial.exists() and partial.stat().st_size else ""
         raise DataError(f"cannot download {url} ({reason}); {resume}download it by hand to {path}") from None
-    return path
 
 
 def hub_file(repo: str, filename: str, folder) -> Path:
@@ -272,8 +313,9 @@ def _hotpotqa_record(path, number: int, record) -> tuple[QAExample, list[str]]:
         if not (isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
                 and isinstance(pair[1], list) and all(isinstance(s, str) for s in pair[1])):
             raise DataError(f"{where}: a 'context' entry is not a [title, [sentences]] pair of strings")
-        paragraphs.append(f"{pair[0].strip()}\n{''.join(pair[1]).strip()}")
-    example = QAExample(record["_id"], record["question"].strip(), [record["answer"].strip()], "hotpotqa")
+        paragraphs.append(_whole_characters(f"{pair[0].strip()}\n{''.join(pair[1]).strip()}"))
+    example = QAExample(record["_id"], _whole_characters(record["question"].strip()),
+                        [_whole_characters(record["answer"].strip())], "hotpotqa")
     return example, paragraphs
 
 

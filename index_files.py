@@ -13,18 +13,17 @@ a build goes to a temporary folder that is renamed into place, so a folder with 
 
 Left out: sharing one index across hosts (each host builds or copies its own folder).
 """
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
+from data import one_at_a_time
 from search import ARRAYS, BUILD_CHUNK, STOPWORDS, WORD, BM25Index, Passages, _build, _write_texts
 
 # On-disk version, part of the cache key: bump it whenever the layout or what a corpus reads as changes
@@ -105,12 +104,7 @@ def cached_index(corpus_path, folder, read_passages: Callable[[str], Iterable[st
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     index_folder = folder / "index"
-    with open(folder / "lock", "a") as lock:  # flock is released when the file closes, or its process dies
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"BM25 index: waiting for another process to finish {index_folder}", file=sys.stderr)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with one_at_a_time(folder / "lock", f"BM25 index: waiting for another process to finish {index_folder}"):
         index = _load_if_fresh(index_folder, key)
         if index is None:
             for leftover in folder.glob(".index.*-*"):  # temp folders of builds that died; none runs now

@@ -161,17 +161,18 @@ def _from_hub(load, name: str, source: str):
     try:
         return load(True)
     except OSError:
-        if not Path(source).exists() and _hub_reachable():
-            try:
-                return load(False)
-            except OSError as error:  # the hub answered: a misspelt or gated id, or a failed download
-                lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
-                sys.exit(f"error: --model {name}: {' '.join(lines[:2])}")  # a gated repo's second line: its URL
+        pass
     if Path(source).exists():
         sys.exit(f"error: --model {name}: {source} is not a model folder transformers can load (no config.json "
                  "or weights)")
     if source.startswith((".", "/", "~")) or source.count("/") > 1:  # a path: a hub id is "org/name"
         sys.exit(f"error: --model {name}: no such folder")
+    if _hub_reachable():
+        try:
+            return load(False)
+        except OSError as error:  # the hub answered: a misspelt or gated id, or a failed download
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [repr(error)]
+            sys.exit(f"error: --model {name}: {' '.join(lines[:2])}")  # a gated repo's second line: its URL
     sys.exit(f"error: --model {name}: {source} is neither a local folder nor in the Hugging Face cache, and the "
              f"hub cannot be reached; download it where there is network (hf download {source}) or pass the "
              "path of a local copy")

@@ -7,8 +7,8 @@ last <answer> ... </answer> span; the span is normalised and compared with every
 
 normalize() is the SQuAD / FlashRAG convention: lowercase, drop punctuation, drop the articles
 a/an/the, collapse white space (a gold answer with nothing left, "The" say, is compared lowercased
-instead, so an empty answer cannot match it). Token F1 (the same normalisation, bag-of-words precision/recall) is
-kept for evaluation only; training uses the binary reward, as the paper does.
+instead, so an empty answer cannot match it). Token F1 (the same normalisation, bag-of-words
+precision/recall) is kept for evaluation only; training uses the binary reward, as the paper does.
 
 Left out on purpose: format rewards, partial credit, length penalties. A response with no answer
 tag scores 0 like a wrong answer.
@@ -37,33 +37,32 @@ def extract_answer(response: str) -> str | None:
     return matches[-1].strip()
 
 
+def _compared(prediction: str, gold: str) -> tuple[str, str]:
+    """(prediction, gold) as exact match and F1 compare them: normalised, or, for a gold answer that
+    normalises to nothing ("The", say), lowercased with spaces collapsed, so an empty answer cannot match it."""
+    if normalize_answer(gold):
+        return normalize_answer(prediction), normalize_answer(gold)
+    return " ".join(prediction.lower().split()), " ".join(gold.lower().split())
+
+
 def exact_match(prediction: str | None, answers: list[str]) -> float:
-    """1.0 if the normalised prediction equals a normalised gold answer. A gold answer that normalises to
-    nothing (an answer that is only "The", say) is compared lowercased and space-collapsed instead, so an
-    empty <answer></answer> never earns reward."""
     if prediction is None:
         return 0.0
-
-    def same(gold: str) -> bool:
-        if normalize_answer(gold):
-            return normalize_answer(prediction) == normalize_answer(gold)
-        return " ".join(prediction.lower().split()) == " ".join(gold.lower().split())
-    return float(any(same(gold) for gold in answers))
+    return float(any(predicted == gold for predicted, gold in (_compared(prediction, g) for g in answers)))
 
 
 def token_f1(prediction: str | None, answers: list[str]) -> float:
     """Best token-level F1 against any gold answer (0 when there is no prediction)."""
     if prediction is None:
         return 0.0
-    predicted = normalize_answer(prediction).split()
     best = 0.0
-    for gold in answers:
-        gold_tokens = normalize_answer(gold).split()
-        common = sum((Counter(predicted) & Counter(gold_tokens)).values())
+    for answer in answers:
+        predicted, gold = (text.split() for text in _compared(prediction, answer))
+        common = sum((Counter(predicted) & Counter(gold)).values())
         if common == 0:
             continue
         precision = common / len(predicted)
-        recall = common / len(gold_tokens)
+        recall = common / len(gold)
         best = max(best, 2 * precision * recall / (precision + recall))
     return best
 

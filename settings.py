@@ -178,8 +178,11 @@ def check_paths(data: str, eval_data: str | None, corpus: str | None, out: str) 
 NOT_CARRIED_OVER = {"out", "resume", "device", "dist_timeout", "eval_only", "baseline", "trust_remote_code"}
 HOW_LONG = {"steps", "max_minutes", "eval_every", "eval_size", "save_every", "keep"}
 REFUSED_ON_RESUME = {"model", "seed", "fact_order", "dtype", "rounding"}
-# Changed on resume, these leave the resumed checkpoint's evaluation as it was logged (train.py reuses it).
-SAME_EVALUATION = HOW_LONG - {"eval_size"} | {"lr"}
+# What a greedy evaluation reads besides the weights: its questions, the corpus, the rollout settings greedy
+# decoding uses (a batch pads otherwise, so sums may round otherwise) and the compute precision. Changed on
+# resume, they have train.py evaluate the resumed checkpoint again; any other change keeps the logged one.
+CHANGES_EVALUATION = {"data", "eval_data", "corpus", "eval_size", "template", "max_turns", "topk",
+                      "max_turn_tokens", "max_response_tokens", "rollout_batch", "amp"}
 
 
 def continue_settings(args, saved: dict | None, checkpoint: Path) -> dict[str, str]:

@@ -112,6 +112,12 @@ def test_half_a_surrogate_pair_in_a_question_or_passage_becomes_the_replacement_
     assert load_corpus_jsonl(corpus) == ["Foo\nbar \ufffd baz \U0001F600 \u00e9"]  # a whole pair stays one character
     _, tokenizer = tiny_model()
     tokenizer(load_corpus_jsonl(corpus)[0])  # a tokenizer takes it (half a pair it refuses)
+    hotpot = tmp_path / "hotpot.json"  # the official HotpotQA files are one JSON list: read the same way
+    hotpot.write_text(r'[{"_id": "x", "question": "who \ud83d?", "answer": "b \udc00", '
+                      r'"context": [["T", ["one \ud83d\ude00 \ud83d", " two"]]]}]')
+    examples, paragraphs = read_hotpotqa(hotpot)
+    assert (examples[0].question, examples[0].answers) == ("who \ufffd?", ["b \ufffd"])
+    assert paragraphs == ["T\none \U0001F600 \ufffd two"]
 
 
 @pytest.mark.parametrize("bad_line, line_no", [
@@ -337,11 +343,10 @@ def test_unreachable_network_says_which_url_and_where_to_put_the_file(tmp_path, 
         download(HOTPOTQA_URLS["train"], tmp_path)
     assert str(excinfo.value) == (f"cannot download {HOTPOTQA_URLS['train']} ([Errno -2] Name or service not "
                                   f"known); download it by hand to {tmp_path / 'hotpot_train_v1.1.json'}")
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [tmp_path / ".hotpot_train_v1.1.json.lock"]  # an empty lock file only
 
 
-def test_search_r1_without_network_stops_on_its_first_file_before_the_model_loads_and_leaves_no_folder(
-        tmp_path, monkeypatch, capsys):
+def test_search_r1_without_network_stops_on_its_first_file_before_the_model_loads(tmp_path, monkeypatch):
     def unreachable(url):
         raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
 
@@ -354,7 +359,39 @@ def test_search_r1_without_network_stops_on_its_first_file_before_the_model_load
     with pytest.raises(SystemExit) as exit_:
         main(["--model", "tiny", "--data", "search-r1", "--out", str(tmp_path / "run")])
     assert str(exit_.value).startswith(f"error: cannot download {opened[0]} ([Errno -2] Name or service not known)")
-    assert len(opened) == 1 and not (tmp_path / "cache").exists()
+    assert len(opened) == 1
+    assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [".train.jsonl.lock"]  # lock only
+
+
+def test_processes_that_download_one_file_at_once_take_turns_and_the_server_sends_it_once(tmp_path):
+    import http.server
+    import threading
+    body, served = bytes(range(256)) * 4096, []  # 1 MiB over ~3 s, so the second process asks meanwhile
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            served.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            for start in range(0, len(body), 1 << 16):
+                self.wfile.write(body[start:start + (1 << 16)])
+                time.sleep(0.2)
+
+        def log_message(self, *args):
+            pass
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/big.bin"
+    script = f"import data; print(data.download({url!r}, {str(tmp_path)!r}).stat().st_size)"
+    runs = [subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [run.communicate(timeout=60) for run in runs]
+    server.shutdown()
+    assert [run.returncode for run in runs] == [0, 0] and [out.strip() for out, _ in outputs] == [str(len(body))] * 2
+    assert served == ["/big.bin"] and (tmp_path / "big.bin").read_bytes() == body
+    assert "waiting for another process's download" in "".join(err for _, err in outputs)
+    assert [p.name for p in tmp_path.iterdir()] == ["big.bin"]
 
 
 @pytest.mark.parametrize("response", [
@@ -367,9 +404,11 @@ def test_an_interrupted_download_never_leaves_the_file_and_a_retry_completes_it(
     with pytest.raises(DataError) as excinfo:
         download(HOTPOTQA_URLS["dev"], tmp_path)
     assert_one_line_error(excinfo, f"download it by hand to {tmp_path / 'hotpot_dev_distractor_v1.json'}")
-    assert [p.name for p in tmp_path.iterdir()] == ["hotpot_dev_distractor_v1.json.part"]  # kept to resume
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hotpot_dev_distractor_v1.json.lock",
+                                                          "hotpot_dev_distractor_v1.json.part"]  # kept to resume
     serve(monkeypatch, lambda url: FakeResponse(body))
     assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == body
+    assert [p.name for p in tmp_path.iterdir()] == ["hotpot_dev_distractor_v1.json"]
 
 
 def test_a_resumed_download_asks_for_the_rest_of_the_same_version_and_starts_over_otherwise(tmp_path, monkeypatch):
@@ -404,6 +443,18 @@ def test_a_resumed_download_asks_for_the_rest_of_the_same_version_and_starts_ove
         return FakeResponse(new)
     serve(monkeypatch, whole_or_416)
     assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == new and asked == [f"bytes={len(new)}-", None]
+
+    target.unlink()
+    (tmp_path / f"{target.name}.part").write_bytes(new)
+    asked.clear()
+
+    def whole_file_416(request):  # a server that names the length: .part holds all of it, no second request
+        asked.append(request.get_header("Range"))
+        raise urllib.error.HTTPError(request.full_url, 416, "Range Not Satisfiable",
+                                     {"Content-Range": f"bytes */{len(new)}"}, None)
+    serve(monkeypatch, whole_file_416)
+    assert download(HOTPOTQA_URLS["dev"], tmp_path).read_bytes() == new and asked == [f"bytes={len(new)}-"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
     target.unlink()
     (tmp_path / f"{target.name}.part").write_bytes(new[:50])
@@ -1835,6 +1886,7 @@ def test_an_empty_answer_never_matches_a_gold_answer_made_only_of_articles_or_pu
     assert exact_match("", ["The"]) == 0.0 and score_response("<answer> </answer>", ["a", "?"]) == 0.0
     assert exact_match("the", ["The"]) == 1.0 and exact_match(" A ", ["a"]) == 1.0
     assert exact_match("", ["The", "Beatles"]) == 0.0 and exact_match("The Beatles", ["The", "Beatles"]) == 1.0
+    assert token_f1("The", ["The"]) == 1.0 and token_f1("", ["The"]) == 0.0  # F1 agrees with exact match
 
 
 def test_token_f1_partial_overlap():
@@ -2856,16 +2908,21 @@ def test_a_model_id_the_hub_refuses_stops_in_one_line_with_its_reason(monkeypatc
     assert "cannot be reached" not in str(stop.value)
 
 
-def test_a_model_path_that_does_not_exist_says_no_such_folder_not_hf_download(tmp_path, monkeypatch):
+@pytest.mark.parametrize("online", [False, True])
+def test_a_model_path_that_does_not_exist_says_no_such_folder_not_hf_download(tmp_path, monkeypatch, online):
     import models
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda: online)
+    asked = []
 
     def load(local):
+        asked.append(local)
         raise OSError("not found")
     missing = "runs/dspo/checkpoint-000010"
     with pytest.raises(SystemExit) as stop:
         models._from_hub(load, missing, missing)
     assert_one_line_error(stop, f"error: --model {missing}: no such folder")
+    assert asked == [True]  # a path is never asked of the hub
+    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
     with pytest.raises(SystemExit) as stop:  # org/name is a hub id
         models._from_hub(load, "Qwen2.5-7B", "Qwen/Qwen2.5-7B")
     assert "(hf download Qwen/Qwen2.5-7B)" in str(stop.value)
@@ -3087,6 +3144,13 @@ def test_a_resumed_run_evaluates_its_checkpoint_again_only_if_the_evaluation_cha
     main(run + ["--steps", "3", "--eval-size", "2", "--resume"])  # another evaluation set: evaluated again
     assert [r["step"] for r in _records(log)] == [0, 1, 2, 2, 3, 3]
     assert sum("val/em" in r for r in _records(log)) == 4
+    main(run + ["--steps", "4", "--eval-size", "2", "--resume"])  # on to step 4, where an evaluation falls
+    assert [r["step"] for r in _records(log)] == [0, 1, 2, 2, 3, 3, 3, 4]
+    main(run + ["--steps", "5", "--eval-size", "2", "--warmup", "3", "--clip-high", "0.5", "--resume"])  # training only
+    records = _records(log)
+    assert [r["step"] for r in records] == [0, 1, 2, 2, 3, 3, 3, 4, 4, 5] and "val/em" not in records[8]
+    main(run + ["--steps", "5", "--eval-size", "2", "--topk", "2", "--resume"])  # what a search returns: again
+    assert [r["step"] for r in _records(log)] == [0, 1, 2, 2, 3, 3, 3, 4, 4, 5, 5] and "val/em" in _records(log)[10]
 
 
 def test_resume_moves_log_lines_of_unsaved_steps_aside_so_each_step_is_logged_once(tmp_path):

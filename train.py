@@ -47,7 +47,7 @@ from reward import score_episodes
 from rollout import RolloutSettings, generate_episodes
 from index_files import cached_index
 from search import BM25Index
-from settings import (SAME_EVALUATION, apply_preset, check_fit, check_paths, continue_settings, device_bytes,
+from settings import (CHANGES_EVALUATION, apply_preset, check_fit, check_paths, continue_settings, device_bytes,
                       preset_help, settings_table)
 from update import UpdateSettings, autocast, update
 from world import synthetic_world
@@ -361,7 +361,7 @@ def main(argv=None):
             say(f"--out {out}: the checkpoints past step {start} moved to {abandoned} (those steps are run again)")
         # The run that saved this checkpoint evaluated it as it ended: that line stands for this step's evaluation
         # unless a setting that changes an evaluation changed. Every rank must agree (evaluating is collective).
-        evaluated = all_reduce(int(evaluation_line is not None and not set(changed) - SAME_EVALUATION), "max") > 0
+        evaluated = all_reduce(int(evaluation_line is not None and not set(changed) & CHANGES_EVALUATION), "max") > 0
         logged = f" (its evaluation is logged already: val/em {evaluation_line['val/em']:.3f})" \
             if evaluated and evaluation_line else ""
         say(f"resumed from {checkpoint} at step {start}{logged}")
