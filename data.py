@@ -214,15 +214,16 @@ def download(url: str, cache, name: str | None = None) -> Path:
     path = Path(cache) / (name or url.rsplit("/", 1)[-1])
     if path.exists():
         return path
+    lock = path.with_name(f".{path.name}.lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DataError(f"cannot create {path.parent} for {url} ({error.strerror})") from None
-    lock = path.with_name(f".{path.name}.lock")
-    with one_at_a_time(lock, f"{path}: waiting for another process's download"):
-        if not path.exists():  # it may have arrived while this process waited
-            _fetch(url, path)
-        lock.unlink(missing_ok=True)  # the file is in place, so a process that locks anew finds it
+        with one_at_a_time(lock, f"{path}: waiting for another process's download"):
+            if not path.exists():  # it may have arrived while this process waited
+                _fetch(url, path)
+            lock.unlink(missing_ok=True)  # the file is in place, so a process that locks anew finds it
+    except OSError as error:  # _fetch reports its own; this is the folder or the lock (read-only, no flock)
+        raise DataError(f"cannot download {url} into {path.parent} ({error.strerror or error}); DSPO_CACHE moves "
+                        f"the cache, or download it by hand to {path}") from None
     return path
 
 

@@ -6,8 +6,8 @@ last <answer> ... </answer> span; the span is normalised and compared with every
     r = 1  if normalize(answer) == normalize(g) for some gold g,   else 0
 
 normalize() is the SQuAD / FlashRAG convention: lowercase, drop punctuation, drop the articles
-a/an/the, collapse white space (a gold answer with nothing left, "The" say, is compared lowercased
-instead, so an empty answer cannot match it). Token F1 (the same normalisation, bag-of-words
+a/an/the, collapse white space (a gold answer with nothing left, "The" say, keeps its articles, or its
+punctuation, so an empty answer cannot match it). Token F1 (the same normalisation, bag-of-words
 precision/recall) is kept for evaluation only; training uses the binary reward, as the paper does.
 
 Left out on purpose: format rewards, partial credit, length penalties. A response with no answer
@@ -22,10 +22,11 @@ _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _PUNCTUATION = set(string.punctuation)
 
 
-def normalize_answer(text: str) -> str:
+def normalize_answer(text: str, articles: bool = False) -> str:
+    """Lowercase, drop punctuation, drop a/an/the (kept with `articles`), collapse white space."""
     text = text.lower()
     text = "".join(ch for ch in text if ch not in _PUNCTUATION)
-    text = _ARTICLES.sub(" ", text)
+    text = text if articles else _ARTICLES.sub(" ", text)
     return " ".join(text.split())
 
 
@@ -38,10 +39,12 @@ def extract_answer(response: str) -> str | None:
 
 
 def _compared(prediction: str, gold: str) -> tuple[str, str]:
-    """(prediction, gold) as exact match and F1 compare them: normalised, or, for a gold answer that
-    normalises to nothing ("The", say), lowercased with spaces collapsed, so an empty answer cannot match it."""
-    if normalize_answer(gold):
-        return normalize_answer(prediction), normalize_answer(gold)
+    """(prediction, gold) as exact match and F1 compare them: normalised; for a gold answer that normalises
+    to nothing, normalised keeping articles ("The"), else only lowercased ("?"), so an empty answer cannot
+    match it."""
+    for articles in (False, True):
+        if normalize_answer(gold, articles):
+            return normalize_answer(prediction, articles), normalize_answer(gold, articles)
     return " ".join(prediction.lower().split()), " ".join(gold.lower().split())
 
 

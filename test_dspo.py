@@ -363,10 +363,24 @@ def test_search_r1_without_network_stops_on_its_first_file_before_the_model_load
     assert [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [".train.jsonl.lock"]  # lock only
 
 
+def test_a_cache_folder_that_cannot_be_locked_is_one_line_naming_it(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(DataError) as excinfo:
+        download(HOTPOTQA_URLS["dev"], tmp_path)
+    assert_one_line_error(excinfo, f"cannot download {HOTPOTQA_URLS['dev']} into {tmp_path} (No locks available); "
+                                   f"DSPO_CACHE moves the cache, or download it by hand to "
+                                   f"{tmp_path / 'hotpot_dev_distractor_v1.json'}")
+
+
 def test_processes_that_download_one_file_at_once_take_turns_and_the_server_sends_it_once(tmp_path):
     import http.server
     import threading
-    body, served = bytes(range(256)) * 4096, []  # 1 MiB over ~3 s, so the second process asks meanwhile
+    body, served = bytes(range(256)) * 4096, []  # 1 MiB over ~6 s, so the second process asks meanwhile
 
     class Slow(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -376,7 +390,7 @@ def test_processes_that_download_one_file_at_once_take_turns_and_the_server_send
             self.end_headers()
             for start in range(0, len(body), 1 << 16):
                 self.wfile.write(body[start:start + (1 << 16)])
-                time.sleep(0.2)
+                time.sleep(0.4)
 
         def log_message(self, *args):
             pass
@@ -384,10 +398,15 @@ def test_processes_that_download_one_file_at_once_take_turns_and_the_server_send
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/big.bin"
     script = f"import data; print(data.download({url!r}, {str(tmp_path)!r}).stat().st_size)"
+    env = {**os.environ, "no_proxy": "*", "NO_PROXY": "*"}  # a proxy must not stand between them and 127.0.0.1
     runs = [subprocess.Popen([sys.executable, "-c", script], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outputs = [run.communicate(timeout=60) for run in runs]
-    server.shutdown()
+                             stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    try:
+        outputs = [run.communicate(timeout=60) for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+        server.shutdown()
     assert [run.returncode for run in runs] == [0, 0] and [out.strip() for out, _ in outputs] == [str(len(body))] * 2
     assert served == ["/big.bin"] and (tmp_path / "big.bin").read_bytes() == body
     assert "waiting for another process's download" in "".join(err for _, err in outputs)
@@ -1887,6 +1906,7 @@ def test_an_empty_answer_never_matches_a_gold_answer_made_only_of_articles_or_pu
     assert exact_match("the", ["The"]) == 1.0 and exact_match(" A ", ["a"]) == 1.0
     assert exact_match("", ["The", "Beatles"]) == 0.0 and exact_match("The Beatles", ["The", "Beatles"]) == 1.0
     assert token_f1("The", ["The"]) == 1.0 and token_f1("", ["The"]) == 0.0  # F1 agrees with exact match
+    assert exact_match("A.", ["a"]) == 1.0 and exact_match("the", ["a"]) == 0.0  # punctuation goes, articles stay
 
 
 def test_token_f1_partial_overlap():
@@ -3151,6 +3171,9 @@ def test_a_resumed_run_evaluates_its_checkpoint_again_only_if_the_evaluation_cha
     assert [r["step"] for r in records] == [0, 1, 2, 2, 3, 3, 3, 4, 4, 5] and "val/em" not in records[8]
     main(run + ["--steps", "5", "--eval-size", "2", "--topk", "2", "--resume"])  # what a search returns: again
     assert [r["step"] for r in _records(log)] == [0, 1, 2, 2, 3, 3, 3, 4, 4, 5, 5] and "val/em" in _records(log)[10]
+    (tmp_path / "checkpoint-000005" / "run_args.json").unlink()  # an older checkpoint: its settings unknown
+    main(run + ["--steps", "5", "--eval-size", "2", "--resume"])
+    assert [r["step"] for r in _records(log)][-3:] == [5, 5, 5] and "val/em" in _records(log)[-1]
 
 
 def test_resume_moves_log_lines_of_unsaved_steps_aside_so_each_step_is_logged_once(tmp_path):

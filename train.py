@@ -361,7 +361,8 @@ def main(argv=None):
             say(f"--out {out}: the checkpoints past step {start} moved to {abandoned} (those steps are run again)")
         # The run that saved this checkpoint evaluated it as it ended: that line stands for this step's evaluation
         # unless a setting that changes an evaluation changed. Every rank must agree (evaluating is collective).
-        evaluated = all_reduce(int(evaluation_line is not None and not set(changed) & CHANGES_EVALUATION), "max") > 0
+        same = "run_args" not in changed and not set(changed) & CHANGES_EVALUATION  # an older checkpoint: unknown
+        evaluated = all_reduce(int(evaluation_line is not None and same), "max") > 0
         logged = f" (its evaluation is logged already: val/em {evaluation_line['val/em']:.3f})" \
             if evaluated and evaluation_line else ""
         say(f"resumed from {checkpoint} at step {start}{logged}")
