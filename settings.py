@@ -181,13 +181,15 @@ REFUSED_ON_RESUME = {"model", "seed", "fact_order", "dtype", "rounding"}
 # What a greedy evaluation reads besides the weights: its questions, the corpus, the rollout settings greedy
 # decoding uses (a batch pads otherwise, so sums may round otherwise) and the compute precision. Changed on
 # resume, they have train.py evaluate the resumed checkpoint again; any other change keeps the logged one.
+# "processes" is not a flag: the process count splits an evaluation's questions, so it batches them otherwise.
 CHANGES_EVALUATION = {"data", "eval_data", "corpus", "eval_size", "template", "max_turns", "topk",
-                      "max_turn_tokens", "max_response_tokens", "rollout_batch", "amp"}
+                      "max_turn_tokens", "max_response_tokens", "rollout_batch", "amp", "processes"}
 
 
-def continue_settings(args, saved: dict | None, checkpoint: Path) -> dict[str, str]:
+def continue_settings(args, saved: dict | None, checkpoint: Path, processes: int) -> dict[str, str]:
     """Reconcile args with the settings `checkpoint` was saved with (see REFUSED_ON_RESUME); returns, per
-    flag given with a new value, a line saying which value is used. Effective values are compared, so a
+    flag given with a new value, a line saying which value is used, and under "processes" a line when the
+    run that saved it had another process count (or did not record one). Effective values are compared, so a
     flag equal to the saved value (given or from a preset) says nothing."""
     if saved is None:
         return {"run_args": f"--resume: {checkpoint} has no run_args.json (an older checkpoint): the flags given "
@@ -210,4 +212,8 @@ def continue_settings(args, saved: dict | None, checkpoint: Path) -> dict[str, s
                 "a changed hyperparameter"
             notes[name] = f"--resume: {flag} {now} (the saved run had {before}): using {now}" + \
                 (f", {effect}" if effect else "")
+    if saved.get("processes") != processes:
+        had = f"{saved['processes']} processes" if "processes" in saved else "a process count it did not record"
+        notes["processes"] = f"--resume: {checkpoint} was saved by a run of {had}, this one has {processes}: " \
+                             "its evaluation is run again"
     return notes

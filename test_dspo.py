@@ -3171,7 +3171,15 @@ def test_a_resumed_run_evaluates_its_checkpoint_again_only_if_the_evaluation_cha
     assert [r["step"] for r in records] == [0, 1, 2, 2, 3, 3, 3, 4, 4, 5] and "val/em" not in records[8]
     main(run + ["--steps", "5", "--eval-size", "2", "--topk", "2", "--resume"])  # what a search returns: again
     assert [r["step"] for r in _records(log)] == [0, 1, 2, 2, 3, 3, 3, 4, 4, 5, 5] and "val/em" in _records(log)[10]
-    (tmp_path / "checkpoint-000005" / "run_args.json").unlink()  # an older checkpoint: its settings unknown
+    saved = tmp_path / "checkpoint-000005" / "run_args.json"
+    assert json.loads(saved.read_text())["processes"] == 1
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "processes": 2}))  # saved under torchrun
+    capsys.readouterr()
+    before = len(_records(log))
+    main(run + ["--steps", "5", "--eval-size", "2", "--topk", "2", "--resume"])  # the same flags, one process
+    assert len(_records(log)) == before + 1 and "val/em" in _records(log)[-1]
+    assert "was saved by a run of 2 processes, this one has 1: its evaluation is run again" in capsys.readouterr().out
+    saved.unlink()  # an older checkpoint: its settings unknown
     main(run + ["--steps", "5", "--eval-size", "2", "--resume"])
     assert [r["step"] for r in _records(log)][-3:] == [5, 5, 5] and "val/em" in _records(log)[-1]
 

@@ -295,8 +295,9 @@ def main(argv=None):
     out = Path(args.out)
     checkpoint = find_checkpoint(out, args.resume) if args.resume else None
     parameters = parameter_count(str(checkpoint or args.model), args.trust_remote_code)
-    args = parse_args(argv, parameters, int(os.environ.get("WORLD_SIZE", "1")))
-    changed = continue_settings(args, saved_run_args(checkpoint), checkpoint) if checkpoint else {}
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    args = parse_args(argv, parameters, processes)
+    changed = continue_settings(args, saved_run_args(checkpoint), checkpoint, processes) if checkpoint else {}
     follow_compute_dtype(args)  # a resumed run may compute in another precision than the saved one
     rank, size, args.device = start_processes(args.device, args.dist_timeout)
     say = tqdm.write if rank == 0 else (lambda *_: None)
@@ -473,7 +474,7 @@ def main(argv=None):
             out_of_time = all_reduce(int(bool(args.max_minutes) and spent >= 60 * args.max_minutes), "max") > 0
             if done % args.save_every == 0 or done == args.steps or stopping or out_of_time:
                 save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, data_state, args.keep,
-                                {name: getattr(args, name) for name in args.sources})
+                                {**{name: getattr(args, name) for name in args.sources}, "processes": size})
             if stopping:
                 say(f"stopped by signal after step {step}; checkpoint saved, resume with --resume")
                 return
