@@ -111,12 +111,16 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
     the rows share their first prefix_len tokens (the prompt's instruction and examples): that prefix is
     encoded once and its KV cache broadcast to the batch; gradients still flow through it. Targets
     up to token prefix_len (the last one is predicted from inside the prefix) get log-prob 0, so prefix_len
-    must stop short of every row's prompt (update.py's shared_prefix_length does): those are prompt tokens.
+    must stop short of every row's prompt (update.py's shared_prefix_length does): those are prompt tokens
+    (a `mask` that reads one of them is a ValueError).
 
     With `mask` ([B, T-1], the tokens the loss will read) logits are computed only at the positions where
     some row has a masked target, and every other log-prob is 0. In an agent's trajectory most tokens are
     retrieved passages, so this skips most of the output layer and its softmax (values are unchanged).
     """
+    if mask is not None and prefix_len and mask[:, :prefix_len].any():
+        raise ValueError(f"token_logprobs: a target the loss reads lies inside the shared prefix ({prefix_len} "
+                         "tokens), where every log-prob is 0")
     keep = torch.arange(prefix_len, input_ids.shape[1] - 1, device=input_ids.device)  # predicting positions
     if mask is not None:
         keep = mask[:, prefix_len:].any(0).nonzero().flatten() + prefix_len

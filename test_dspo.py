@@ -1688,6 +1688,11 @@ def test_shared_prefix_cache_changes_no_token_and_no_log_prob(world):
     shared = token_logprobs(model, input_ids, attention_mask, 0.7, prefix_len)
     assert torch.allclose(full[loss_mask.bool()], shared[loss_mask.bool()], atol=1e-5)
     assert shared[:, :prefix_len].abs().max() == 0
+    reads_the_prefix = loss_mask.clone()
+    reads_the_prefix[0, prefix_len - 1] = 1  # the last target that shares the prefix's log-prob 0
+    with pytest.raises(ValueError, match="inside the shared prefix"):
+        token_logprobs(model, input_ids, attention_mask, 0.7, prefix_len, reads_the_prefix)
+    token_logprobs(model, input_ids, attention_mask, 0.7, prefix_len - 1, reads_the_prefix)  # one short: fine
 
 
 def test_the_prefix_cache_is_made_once_while_the_weights_stay_the_same(world):
