@@ -213,7 +213,8 @@ def continue_settings(args, saved: dict | None, checkpoint: Path, processes: int
             notes[name] = f"--resume: {flag} {now} (the saved run had {before}): using {now}" + \
                 (f", {effect}" if effect else "")
     if saved.get("processes") != processes:
-        had = f"{saved['processes']} processes" if "processes" in saved else "a process count it did not record"
-        notes["processes"] = f"--resume: {checkpoint} was saved by a run of {had}, this one has {processes}: " \
-                             "its evaluation is run again"
+        count = saved.get("processes")
+        saver = f"was saved by a run of {count} process{'es' if count != 1 else ''}" if count else \
+            "does not record how many processes saved it"
+        notes["processes"] = f"--resume: {checkpoint} {saver}, this one has {processes}: its evaluation is run again"
     return notes
