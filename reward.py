@@ -49,6 +49,7 @@ def _compared(prediction: str, gold: str) -> tuple[str, str]:
 
 
 def exact_match(prediction: str | None, answers: list[str]) -> float:
+    """1.0 if the prediction equals some gold answer once both are normalised (see _compared), else 0.0."""
     if prediction is None:
         return 0.0
     return float(any(predicted == gold for predicted, gold in (_compared(prediction, g) for g in answers)))

@@ -3181,7 +3181,7 @@ def test_a_resumed_run_evaluates_its_checkpoint_again_only_if_the_evaluation_cha
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "processes": 2}))  # saved under torchrun
     capsys.readouterr()
     before = len(_records(log))
-    main(run + ["--steps", "5", "--eval-size", "2", "--topk", "2", "--resume"])  # the same flags, one process
+    main(run + ["--steps", "5", "--eval-size", "2", "--resume"])  # the saved run's flags, one process
     assert len(_records(log)) == before + 1 and "val/em" in _records(log)[-1]
     assert "was saved by a run of 2 processes, this one has 1: its evaluation is run again" in capsys.readouterr().out
     saved.unlink()  # an older checkpoint: its settings unknown
