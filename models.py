@@ -160,7 +160,7 @@ def _from_hub(load, name: str, source: str):
     one the hub refuses (the first two lines of transformers' message)."""
     try:
         return load(True)
-    except OSError:
+    except (OSError, ValueError):  # transformers 5 raises ValueError for a folder without a config.json
         pass
     if Path(source).exists():
         sys.exit(f"error: --model {name}: {source} is not a model folder transformers can load (no config.json "

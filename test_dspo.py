@@ -2947,6 +2947,10 @@ def test_a_model_path_that_does_not_exist_says_no_such_folder_not_hf_download(tm
         models._from_hub(load, missing, missing)
     assert_one_line_error(stop, f"error: --model {missing}: no such folder")
     assert asked == [True]  # a path is never asked of the hub
+    with pytest.raises(SystemExit) as stop:  # a folder that is not a model, e.g. --out instead of a checkpoint
+        models._from_hub(lambda local: models.AutoConfig.from_pretrained(tmp_path, local_files_only=local),
+                         str(tmp_path), str(tmp_path))
+    assert_one_line_error(stop, f"error: --model {tmp_path}: {tmp_path} is not a model folder")
     monkeypatch.setattr(models, "_hub_reachable", lambda: False)
     with pytest.raises(SystemExit) as stop:  # org/name is a hub id
         models._from_hub(load, "Qwen2.5-7B", "Qwen/Qwen2.5-7B")
