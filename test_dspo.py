@@ -3243,6 +3243,11 @@ def test_a_fresh_run_in_a_used_folder_sets_the_earlier_run_aside(tmp_path, capsy
     main(run + ["--steps", "2"])
     first_log = (tmp_path / "metrics.jsonl").read_text()
     (tmp_path / "notes.txt").write_text("mine")  # the user's own file stays where it is
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    (tmp_path / "corpus.jsonl").write_text(json.dumps({"id": "1", "contents": "A\nb c"}) + "\n")
+    with pytest.raises(SystemExit):  # a run that stops on its input leaves the earlier one where it was
+        main(run + ["--steps", "1", "--data", str(tmp_path / "bad.jsonl"), "--corpus", str(tmp_path / "corpus.jsonl")])
+    assert not list(tmp_path.glob("earlier-*")) and (tmp_path / "metrics.jsonl").read_text() == first_log
     capsys.readouterr()
     main(run + ["--steps", "1", "--seed", "1"])
     [aside] = tmp_path.glob("earlier-*")

@@ -311,11 +311,6 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:  # the one process that writes to --out
         lock_run(out)
-        # A run resumed from a checkpoint of another folder is a new run here: it shares no log with what is here.
-        continues = checkpoint and checkpoint.resolve().parent == out.resolve()
-        aside = None if continues or args.eval_only else set_aside_earlier_run(out)
-        if aside:
-            say(f"--out {out}: an earlier run's metrics and checkpoints moved to {aside} (--resume continues a run)")
 
     # Data, model and index. The questions come first: a download that fails stops the run before the
     # weights load (minutes at 7B).
@@ -325,6 +320,12 @@ def main(argv=None):
             f"it needs questions beyond the {len(test_set)} held out for evaluation"
         sys.exit(f"error: --batch-prompts {args.batch_prompts} is more than the {len(train_set):,} training questions "
                  f"of --data {args.data}; {fix}")
+    if rank == 0:  # after the input is known good, so a run that stops on it leaves the earlier one resumable
+        # A run resumed from a checkpoint of another folder is a new run here: it shares no log with what is here.
+        continues = checkpoint and checkpoint.resolve().parent == out.resolve()
+        aside = None if continues or args.eval_only else set_aside_earlier_run(out)
+        if aside:
+            say(f"--out {out}: an earlier run's metrics and checkpoints moved to {aside} (--resume continues a run)")
     model, tokenizer = load_model(str(checkpoint or args.model), args.dtype, args.device, args.trust_remote_code)
     if args.grad_checkpointing:
         checkpoint_activations(model)
