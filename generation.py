@@ -1,7 +1,8 @@
 """One turn of generation for a batch of episodes: HF generate() with the exact sampler, per-row stop tags, and
 the KV cache carried from turn to turn.
 
-rollout.py calls generate_turn() once per turn. What happens underneath:
+rollout.py calls TurnDecoder.turn() once per turn (it prepares the cache, then runs generate_turn()). What
+happens underneath:
 - The sampler is softmax(logits / temperature) over the whole vocabulary, built from a blank config, so a
   checkpoint's generation_config.json (top-k, top-p, repetition penalty) cannot change it: pi_old must be
   the distribution dspo.token_logprobs scores.

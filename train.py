@@ -165,8 +165,9 @@ def parse_args(argv=None, parameters: int = 0, processes: int = 1):
     p.add_argument("--grpo-clip", type=share, default=0.2, help="GRPO: per-token ratio clip")
     p.add_argument("--mini-batches", type=count, default=2, help="optimizer steps per batch of rollouts (the second "
                    "is off-policy, where the clip acts)")
-    p.add_argument("--micro-batch", type=count, help="distinct trajectories per forward/backward; each pass also "
-                   f"encodes the shared prompt prefix once, so larger is faster while memory lasts {preset}")
+    p.add_argument("--micro-batch", type=count, help="distinct trajectories per forward/backward; one process "
+                   f"without --grad-checkpointing encodes their shared prompt prefix once a pass, so larger is faster "
+                   f"while memory lasts {preset}")
     p.add_argument("--micro-batch-tokens", type=_number(int, 0),
                    help=f"also cap a micro-batch's padded tokens (rows x longest); 0: no cap {preset}")
     p.add_argument("--old-logprobs", choices=["sampler", "recompute"],
